@@ -1,0 +1,4 @@
+# Runs after boot.py: start the job runner. Everything else lives in app.py.
+import app
+
+app.main()

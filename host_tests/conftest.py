@@ -1,0 +1,167 @@
+"""Fixtures that start, and always stop, the real processes of the local stack, and the
+collector that runs MicroPython-side unit tests (host_tests/device/test_*.py) under the unix
+port, one pytest item per test function."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from iotjobs_host import stack  # noqa: E402
+from iotjobs_host.pki import PKI  # noqa: E402
+
+MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
+DEVICE_TESTS = os.path.join(HERE, "device")
+
+
+# -- processes -----------------------------------------------------------------------------------
+@pytest.fixture
+def procs(request):
+    """Processes a test started; their logs are attached to the report when it fails."""
+    started: list = []
+    request.node._stack_procs = started
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for p in getattr(item, "_stack_procs", []):
+            proc = getattr(p, "proc", p)
+            rep.sections.append((f"log of {proc.name} (pid {proc.pid})", proc.log_text()))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> PKI:
+    return PKI(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture
+def mosquitto(tmp_path, pki, procs) -> stack.Mosquitto:
+    m = stack.Mosquitto(str(tmp_path / "mosquitto"), pki)
+    procs.append(m)
+    return m
+
+
+@pytest.fixture
+def jobsd(tmp_path, mosquitto, procs) -> stack.Jobsd:
+    j = stack.Jobsd(str(tmp_path / "jobsd"), mosquitto.broker)
+    procs.append(j)
+    return j
+
+
+@pytest.fixture
+def iot(jobsd):
+    """boto3 `iot` (control plane) client of the test's jobsd."""
+    return jobsd.iot()
+
+
+@pytest.fixture
+def device(tmp_path, mosquitto, pki, procs):
+    """Factory: device(thing, tls=True, heap="64K") starts a tools/devsim process."""
+
+    def start(thing: str, tls: bool = True, heap: str = "64K", extra=None) -> stack.Device:
+        d = stack.Device(
+            str(tmp_path / ("device-" + thing)),
+            thing,
+            mosquitto.tls_broker if tls else mosquitto.broker,
+            tls_dir=pki.thing(thing) if tls else None,
+            heap=heap,
+            extra=extra,
+        )
+        procs.append(d)
+        return d
+
+    return start
+
+
+ACCOUNT_ARN = "arn:aws:iot:us-east-1:123456789012"
+
+
+def thing_arn(thing: str) -> str:
+    return f"{ACCOUNT_ARN}:thing/{thing}"
+
+
+def wait_execution(iot, job_id: str, thing: str, statuses, timeout: float = 30.0,
+                   device: stack.Device | None = None) -> dict:
+    """Poll DescribeJobExecution until the execution reaches one of `statuses`."""
+    last: dict = {}
+
+    def reached():
+        nonlocal last
+        last = iot.describe_job_execution(jobId=job_id, thingName=thing)["execution"]
+        return last if last["status"] in statuses else None
+
+    try:
+        return stack.wait_until(reached, timeout, f"{job_id} on {thing} to become {statuses}", 0.05)
+    except TimeoutError as e:
+        extra = ("\ndevice log:\n" + device.log_text()) if device else ""
+        raise AssertionError(f"{e}; last seen {last}{extra}") from None
+
+
+# -- MicroPython-side unit tests -------------------------------------------------------------------
+def run_micropython(module: str, *args: str, heap: str | None = None, timeout: float = 60.0):
+    env = dict(os.environ)
+    env["MICROPYPATH"] = ":".join([".frozen", DEVICE_TESTS, os.path.join(ROOT, "lib"),
+                                   os.path.join(ROOT, "firmware"), os.path.join(ROOT, "build")])
+    argv = [MICROPYTHON]
+    if heap:
+        argv += ["-X", f"heapsize={heap}"]
+    argv += [os.path.join(DEVICE_TESTS, "_runner.py"), module, *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=DEVICE_TESTS,
+                          timeout=timeout)
+
+
+class MicroPythonFailure(Exception):
+    pass
+
+
+class MicroPythonModule(pytest.File):
+    def collect(self):
+        mod = self.path.stem
+        r = run_micropython(mod, "--list")
+        names = [ln[len("TEST "):] for ln in r.stdout.splitlines() if ln.startswith("TEST ")]
+        if r.returncode != 0:
+            raise MicroPythonFailure(f"{self.path.name} does not import under MicroPython:\n"
+                                     f"{r.stdout}{r.stderr}")
+        for name in names:
+            yield MicroPythonItem.from_parent(self, name=name)
+
+
+class MicroPythonItem(pytest.Item):
+    def runtest(self):
+        r = run_micropython(self.parent.path.stem, self.name)
+        results = [json.loads(ln[len("RESULT "):]) for ln in r.stdout.splitlines()
+                   if ln.startswith("RESULT ")]
+        if r.returncode != 0 or not results or not results[0]["ok"]:
+            tb = results[0]["traceback"] if results else ""
+            out = "\n".join(ln for ln in r.stdout.splitlines() if not ln.startswith("RESULT "))
+            raise MicroPythonFailure(f"{tb}\n--- output ---\n{out}\n{r.stderr}".strip())
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, MicroPythonFailure):
+            return f"MicroPython {self.parent.path.name}::{self.name}\n{excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.parent.path.name}::{self.name} (micropython)"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makemodule(module_path, parent):
+    """host_tests/device/test_*.py are MicroPython modules: run them there, not in CPython."""
+    if os.path.dirname(str(module_path)) == DEVICE_TESTS:
+        return MicroPythonModule.from_parent(parent, path=module_path)
+    return None

@@ -1,0 +1,110 @@
+# The Jobs device API over a transport (PROTOCOL.md 1.4-1.9): requests carry a clientToken;
+# replies are routed by topic code and matched by that token; notify-next events are kept for
+# the runner. Stale, foreign or malformed messages are counted and dropped, never raised.
+import time
+from micropython import const
+from . import codec
+from . import topics as T
+
+# Outcome of a request.
+ACCEPTED = const(1)
+REJECTED = const(2)
+TIMEOUT = const(0)
+
+
+class JobsClient:
+    def __init__(self, transport, thing, reply_timeout_ms=10000, log=None):
+        import random
+
+        self.transport = transport
+        self.topics = T.Topics(thing)
+        self.reply_timeout_ms = reply_timeout_ms
+        self.log = log
+        self._tag = "%08x" % random.getrandbits(32)
+        self._seq = 0
+        self._want = 0  # accepted code of the request in flight (its rejected code is +1)
+        self._token = None
+        self._reply = None
+        self.next_event = None  # the latest notify-next payload (dict), until taken
+        self.dropped = 0  # messages that were foreign, stale or malformed
+        transport.set_callback(self._on_message)
+
+    def subscribe(self):
+        for f in self.topics.filters:
+            self.transport.subscribe(f, 1)
+
+    def _on_message(self, topic, msg):
+        code, _ = self.topics.match(topic)
+        if code == T.NONE:
+            self.dropped += 1
+            return
+        doc = codec.parse(msg)
+        if doc is None:
+            self.dropped += 1
+            return
+        if code == T.NOTIFY_NEXT:
+            self.next_event = doc
+            return
+        want = self._want
+        if want and (code == want or code == want + 1) and doc.get("clientToken") == self._token:
+            self._reply = (ACCEPTED if code == want else REJECTED, doc)
+            return
+        self.dropped += 1  # a reply to a request we no longer wait for
+
+    def _call(self, topic, payload, code, token):
+        """Publish a request and wait (bounded) for its reply: (ACCEPTED|REJECTED|TIMEOUT, doc)."""
+        self._want = code
+        self._token = token
+        self._reply = None
+        try:
+            self.transport.publish(topic, payload, qos=1)
+            deadline = time.ticks_add(time.ticks_ms(), self.reply_timeout_ms)
+            while self._reply is None:
+                left = time.ticks_diff(deadline, time.ticks_ms())
+                if left <= 0:
+                    return TIMEOUT, None
+                self.transport.wait(left)
+            return self._reply
+        finally:
+            self._want = 0
+            self._token = None
+
+    def token(self):
+        self._seq += 1
+        return "%s-%d" % (self._tag, self._seq)
+
+    def start_next(self, details=None, step_timeout=None):
+        t = self.token()
+        return self._call(
+            self.topics.start_next,
+            codec.start_next_request(t, details, step_timeout),
+            T.START_NEXT_ACCEPTED,
+            t,
+        )
+
+    def describe(self, job_id, include_document=True):
+        t = self.token()
+        return self._call(
+            self.topics.describe(job_id),
+            codec.describe_request(t, include_document),
+            T.DESCRIBE_ACCEPTED,
+            t,
+        )
+
+    def get_pending(self):
+        t = self.token()
+        return self._call(self.topics.get, codec.describe_request(t), T.GET_ACCEPTED, t)
+
+    def update(self, job_id, status, details=None, expected_version=None, step_timeout=None):
+        t = self.token()
+        return self._call(
+            self.topics.update(job_id),
+            codec.update_request(t, status, details, expected_version, step_timeout),
+            T.UPDATE_ACCEPTED,
+            t,
+        )
+
+    def take_next_event(self):
+        ev = self.next_event
+        self.next_event = None
+        return ev

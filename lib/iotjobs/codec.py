@@ -1,0 +1,115 @@
+# Request payloads, response parsing, statusDetails limits and job-document recognition
+# (PROTOCOL.md 1.2-1.8, 4). Pure: no I/O. Payloads leave as bytes.
+import json
+from micropython import const
+
+DETAIL_KEY_MAX = const(128)
+DETAIL_VALUE_MAX = const(1024)
+DETAILS_MAX = const(16)  # our own bound: keeps every update small (AWS documents none)
+
+# Statuses the device may report.
+IN_PROGRESS = "IN_PROGRESS"
+SUCCEEDED = "SUCCEEDED"
+FAILED = "FAILED"
+REJECTED = "REJECTED"
+TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED")
+
+
+def _key_char(c):
+    return (
+        "0" <= c <= "9" or "A" <= c <= "Z" or "a" <= c <= "z" or c == "-" or c == "_" or c == ":"
+    )
+
+
+def clean_key(key):
+    """A statusDetails key AWS accepts: 1..128 of [a-zA-Z0-9:_-]; other characters become '_'."""
+    key = str(key)[:DETAIL_KEY_MAX]
+    if not key:
+        return "_"
+    for c in key:
+        if not _key_char(c):
+            return "".join(c if _key_char(c) else "_" for c in key)
+    return key
+
+
+def clean_value(value):
+    """A statusDetails value AWS accepts: 1..1024 characters, no control characters."""
+    value = value if isinstance(value, str) else str(value)
+    if len(value) > DETAIL_VALUE_MAX:
+        value = value[: DETAIL_VALUE_MAX - 3] + "..."
+    for c in value:
+        if c < " " or c == "\x7f":
+            value = "".join(" " if (c < " " or c == "\x7f") else c for c in value)
+            break
+    return value or "-"
+
+
+def clean_details(details):
+    """statusDetails the service will not reject, whatever a handler returned.
+
+    A rejected terminal update would leave the job IN_PROGRESS forever, so the device repairs
+    details instead of refusing them: keys and values are coerced, at most DETAILS_MAX kept."""
+    if details is None:
+        return None
+    if not isinstance(details, dict):
+        details = {"result": details}
+    out = {}
+    for k in details:
+        if len(out) >= DETAILS_MAX:
+            break
+        v = details[k]
+        if v is None:
+            continue
+        out[clean_key(k)] = clean_value(v)
+    return out
+
+
+def start_next_request(token, details=None, step_timeout=None):
+    req = {"clientToken": token}
+    if details:
+        req["statusDetails"] = clean_details(details)
+    if step_timeout:
+        req["stepTimeoutInMinutes"] = step_timeout
+    return json.dumps(req).encode()
+
+
+def describe_request(token, include_document=True):
+    req = {"clientToken": token}
+    if not include_document:
+        req["includeJobDocument"] = False
+    return json.dumps(req).encode()
+
+
+def update_request(token, status, details=None, expected_version=None, step_timeout=None):
+    req = {"status": status, "clientToken": token}
+    if details is not None:
+        req["statusDetails"] = clean_details(details)
+    if expected_version is not None:
+        req["expectedVersion"] = expected_version
+    if step_timeout is not None:
+        req["stepTimeoutInMinutes"] = step_timeout
+    return json.dumps(req).encode()
+
+
+def parse(payload):
+    """The JSON object in a payload, or None for anything else (never raises)."""
+    if not payload:
+        return None
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def operation(document):
+    """The handler name a job document asks for, or None when it names none.
+
+    Native documents carry it in `operation`; later forms (AWS managed templates, afr_ota) are
+    recognised here too as they are added."""
+    if not isinstance(document, dict):
+        return None
+    op = document.get("operation")
+    if isinstance(op, str) and op:
+        return op
+    return None

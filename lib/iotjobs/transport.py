@@ -1,0 +1,297 @@
+# MQTT transport: a thin subclass of umqtt.simple.MQTTClient (the umqtt.robust pattern) that
+# fixes what 1.3.4 gets wrong on MicroPython 1.2x (PLATFORM.md):
+#  - TLS through an SSLContext (CERT_REQUIRED is the caller's context's job) instead of `ussl`;
+#  - TCP_NODELAY and one socket write per packet (no 44 ms Nagle stall per publish);
+#  - SUBSCRIBE with a real variable-length header (jobs filters exceed 122 bytes);
+#  - bounded waits: connect/read timeouts, wait(timeout_ms) with keepalive PINGs;
+#  - reconnect with exponential backoff and jitter, then resubscribe.
+# Every failure of the connection surfaces as OSError, so one `except OSError` drives recovery.
+import socket
+import select
+import time
+from micropython import const
+from umqtt.simple import MQTTClient
+
+_DEBUG = const(False)
+
+_PUBLISH = const(0x30)
+_PUBACK = const(0x40)
+_SUBACK = const(0x90)
+_PINGRESP = const(0xD0)
+_IPPROTO_TCP = const(6)
+_TCP_NODELAY = const(1)
+# Largest inbound PUBLISH held in RAM: a 32 KB job document plus its envelope. Larger packets
+# are drained through a small buffer and reported to the callback with msg=None.
+MAX_PACKET = const(40 * 1024)
+_DRAIN = const(256)
+
+
+class Transport(MQTTClient):
+    def __init__(
+        self,
+        client_id,
+        server,
+        port=0,
+        ssl=None,
+        server_hostname=None,
+        keepalive=60,
+        timeout=10,
+        backoff_ms=1000,
+        backoff_max_ms=60000,
+        log=None,
+    ):
+        super().__init__(client_id, server, port or (8883 if ssl else 1883), keepalive=keepalive)
+        self.ssl = ssl  # an SSLContext, or None for plain TCP
+        self.hostname = server_hostname or server
+        self.timeout = timeout
+        self.backoff_ms = backoff_ms
+        self.backoff_max_ms = backoff_max_ms
+        self.log = log
+        self.subs = []  # (topic, qos) to restore after a reconnect
+        self._poll = None
+        self._last_tx = 0
+        self._ping_at = None
+        self._acked = -1  # last PUBACK / SUBACK packet id
+        self._suback_rc = 0
+
+    # -- connection --------------------------------------------------------------------------
+    def connect(self, clean_session=True):
+        self.close()
+        addr = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0][-1]
+        s = socket.socket()
+        try:
+            s.settimeout(self.timeout)
+            try:
+                s.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+            except OSError:
+                pass
+            s.connect(addr)
+            if self.ssl is not None:
+                s = self.ssl.wrap_socket(s, server_hostname=self.hostname)
+        except Exception as e:
+            s.close()
+            raise e if isinstance(e, OSError) else OSError(str(e))
+        self.sock = s
+        cid = self.client_id
+        if isinstance(cid, str):
+            cid = cid.encode()
+        body = bytearray(b"\x00\x04MQTT\x04\x00\x00\x00")
+        body[7] = clean_session << 1
+        body[8] = self.keepalive >> 8
+        body[9] = self.keepalive & 0xFF
+        pkt = bytearray(b"\x10") + _varlen(len(body) + 2 + len(cid)) + body
+        pkt += len(cid).to_bytes(2, "big") + cid
+        self._write(pkt)
+        resp = self._read(4)
+        if resp[0] != 0x20 or resp[1] != 2:
+            self.close()
+            raise OSError("bad CONNACK")
+        if resp[3]:
+            self.close()
+            raise OSError("CONNACK refused %d" % resp[3])
+        self._poll = select.poll()
+        self._poll.register(s, select.POLLIN)
+        self._ping_at = None
+        return resp[2] & 1
+
+    def close(self):
+        s = self.sock
+        self.sock = None
+        self._poll = None
+        if s is not None:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def disconnect(self):
+        try:
+            self._write(b"\xe0\x00")
+        except (OSError, AttributeError):
+            pass
+        self.close()
+
+    @property
+    def connected(self):
+        return self.sock is not None
+
+    def reconnect(self, sleep_ms=time.sleep_ms):
+        """Connect and resubscribe, retrying for ever with exponential backoff and jitter."""
+        import random
+
+        delay = self.backoff_ms
+        while True:
+            try:
+                self.connect()
+                for topic, qos in self.subs:
+                    self._subscribe(topic, qos)
+                return
+            except OSError as e:
+                self.close()
+                wait = delay // 2 + random.getrandbits(16) % (delay // 2 + 1)
+                if self.log:
+                    self.log("mqtt: connect failed (%r), retry in %d ms" % (e, wait))
+                sleep_ms(wait)
+                delay = min(delay * 2, self.backoff_max_ms)
+
+    # -- outbound ----------------------------------------------------------------------------
+    def _write(self, buf):
+        if self.sock is None:
+            raise OSError("not connected")
+        self.sock.write(buf)
+        self._last_tx = time.ticks_ms()
+
+    def _next_pid(self):
+        self.pid = self.pid % 65535 + 1
+        return self.pid
+
+    def publish(self, topic, msg, retain=False, qos=0):
+        """Send one PUBLISH in a single write; for QoS 1 wait (bounded) for its PUBACK."""
+        sz = 2 + len(topic) + len(msg) + (2 if qos else 0)
+        head = bytearray(1)
+        head[0] = _PUBLISH | qos << 1 | retain
+        pkt = head + _varlen(sz) + len(topic).to_bytes(2, "big") + topic
+        if qos:
+            pid = self._next_pid()
+            pkt += pid.to_bytes(2, "big")
+        pkt += msg
+        self._write(pkt)
+        if qos:
+            self._await_ack(pid)
+
+    def subscribe(self, topic, qos=1):
+        if isinstance(topic, str):
+            topic = topic.encode()
+        self._subscribe(topic, qos)
+        for t, _ in self.subs:
+            if t == topic:
+                return
+        self.subs.append((topic, qos))
+
+    def _subscribe(self, topic, qos):
+        pid = self._next_pid()
+        pkt = bytearray(b"\x82") + _varlen(2 + 2 + len(topic) + 1)
+        pkt += pid.to_bytes(2, "big") + len(topic).to_bytes(2, "big") + topic + bytes((qos,))
+        self._write(pkt)
+        self._await_ack(pid)
+        if self._suback_rc == 0x80:
+            raise OSError("SUBSCRIBE refused: %s" % topic)
+
+    def ping(self):
+        self._write(b"\xc0\x00")
+        if self._ping_at is None:
+            self._ping_at = time.ticks_ms()
+
+    # -- inbound -----------------------------------------------------------------------------
+    def _read(self, n):
+        b = self.sock.read(n)
+        if not b:
+            raise OSError("connection closed")
+        while len(b) < n:
+            more = self.sock.read(n - len(b))
+            if not more:
+                raise OSError("connection closed")
+            b += more
+        return b
+
+    def _recv_len(self):
+        n = 0
+        sh = 0
+        while True:
+            b = self._read(1)[0]
+            n |= (b & 0x7F) << sh
+            if not b & 0x80:
+                return n
+            sh += 7
+            if sh > 21:
+                raise OSError("bad remaining length")
+
+    def _await_ack(self, pid):
+        deadline = time.ticks_add(time.ticks_ms(), self.timeout * 1000)
+        while self._acked != pid:
+            left = time.ticks_diff(deadline, time.ticks_ms())
+            if left <= 0:
+                raise OSError("no ack for packet %d" % pid)
+            self.wait(left)
+
+    def _keepalive(self):
+        if not self.keepalive:
+            return
+        now = time.ticks_ms()
+        if self._ping_at is not None:
+            if time.ticks_diff(now, self._ping_at) > self.keepalive * 1000:
+                raise OSError("keepalive: no PINGRESP")
+        elif time.ticks_diff(now, self._last_tx) >= self.keepalive * 500:
+            self.ping()
+
+    def wait(self, timeout_ms):
+        """Process at most one incoming packet, waiting up to timeout_ms for it.
+
+        Returns the packet type, or None when nothing arrived in time."""
+        if self.sock is None:
+            raise OSError("not connected")
+        self._keepalive()
+        if not self._poll.poll(max(0, timeout_ms)):
+            return None
+        return self.wait_msg()
+
+    def check_msg(self):
+        return self.wait(0)
+
+    def wait_msg(self):
+        """Read and process exactly one packet (blocking, bounded by the socket timeout)."""
+        op = self._read(1)[0]
+        sz = self._recv_len()
+        kind = op & 0xF0
+        if kind == _PUBLISH:
+            self._publish_in(op, sz)
+        elif kind == _PUBACK or kind == _SUBACK:
+            body = self._read(sz)
+            self._acked = body[0] << 8 | body[1]
+            if kind == _SUBACK:
+                self._suback_rc = body[2] if sz > 2 else 0
+        elif kind == _PINGRESP:
+            self._ping_at = None
+            if sz:
+                self._read(sz)
+        elif sz:
+            self._read(sz)
+        return kind
+
+    def _publish_in(self, op, sz):
+        tlen = self._read(2)
+        tlen = tlen[0] << 8 | tlen[1]
+        topic = self._read(tlen)
+        sz -= tlen + 2
+        qos = (op >> 1) & 3
+        pid = 0
+        if qos:
+            p = self._read(2)
+            pid = p[0] << 8 | p[1]
+            sz -= 2
+        if sz <= MAX_PACKET:
+            msg = self._read(sz) if sz else b""
+        else:
+            # Too large for this heap: drain it, tell the callback it was there.
+            while sz > 0:
+                self._read(min(sz, _DRAIN))
+                sz -= _DRAIN
+            msg = None
+        if qos == 1:
+            self._write(bytes((_PUBACK, 2, pid >> 8, pid & 0xFF)))
+        if _DEBUG:
+            print("mqtt <", topic, sz)
+        self.cb(topic, msg)
+
+
+def _varlen(n):
+    """MQTT remaining-length bytes for n (1 to 4 bytes)."""
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return out

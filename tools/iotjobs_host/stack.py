@@ -1,0 +1,233 @@
+"""Start and stop the local stack's real processes: mosquitto, jobsd, devsim.
+
+Shared by the pytest fixtures and `make demo`. Every process is started by us, logs to a file
+of its own, and is ended by its PID (terminate, then kill after a deadline)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from typing import IO, Callable, Optional
+
+from . import ROOT, TOOLS
+from .pki import PKI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
+    """Poll `cond` until it returns something truthy; TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if not found:
+        raise RuntimeError("mosquitto is not installed: run `make setup`")
+    return found
+
+
+class Proc:
+    """A child process with its output in a log file; stop() ends it and nothing else."""
+
+    def __init__(self, name: str, argv: list[str], log_path: str, cwd: Optional[str] = None,
+                 env: Optional[dict] = None, stdout_pipe: bool = False) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "ab")
+        self.popen = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else self._log,
+            stderr=self._log,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        p = self.popen
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout)
+        if p.stdout:
+            p.stdout.close()
+        self._log.close()
+        return p.returncode
+
+    def log_text(self, tail: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return ""
+        return data[-tail:].decode(errors="replace")
+
+
+class Mosquitto:
+    """mosquitto with a plain listener and a mutual-TLS listener (client CN = MQTT username)."""
+
+    def __init__(self, workdir: str, pki: PKI, acl_file: Optional[str] = None) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.tls_port = free_port()
+        srv = pki.server()
+        conf = os.path.join(workdir, "mosquitto.conf")
+        lines = [
+            "per_listener_settings false",
+            "allow_anonymous true",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "persistence false",
+            f"listener {self.port} 127.0.0.1",
+            f"listener {self.tls_port} 127.0.0.1",
+            f"cafile {pki.ca_pem}",
+            f"certfile {srv['cert_pem']}",
+            f"keyfile {srv['key_pem']}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ]
+        if acl_file:
+            lines.append(f"acl_file {acl_file}")
+        if os.geteuid() == 0:
+            lines.insert(0, "user root")
+        with open(conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.proc = Proc("mosquitto", [mosquitto_binary(), "-c", conf], os.path.join(workdir, "mosquitto.log"))
+        try:
+            wait_until(lambda: (port_open(self.port) and port_open(self.tls_port)) or not self.proc.alive(),
+                       10, "mosquitto to listen")
+            if not self.proc.alive():
+                raise RuntimeError("mosquitto exited:\n" + self.proc.log_text())
+        except Exception:
+            self.proc.stop()
+            raise
+
+    @property
+    def broker(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def tls_broker(self) -> str:
+        return f"{self.host}:{self.tls_port}"
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class Jobsd:
+    """tools/jobsd on free ports; ready when it prints its READY line."""
+
+    def __init__(self, workdir: str, broker: str, files: Optional[str] = None,
+                 extra: Optional[list[str]] = None) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        argv = [os.path.join(TOOLS, "jobsd"), "--broker", broker, "--data", "127.0.0.1:0",
+                "--control", "127.0.0.1:0", "--db", os.path.join(workdir, "jobsd.sqlite3")]
+        if files:
+            argv += ["--files", files]
+        argv += extra or []
+        self.proc = Proc("jobsd", argv, os.path.join(workdir, "jobsd.log"), stdout_pipe=True)
+        try:
+            line = self._ready_line(20)
+        except Exception:
+            self.proc.stop()
+            raise
+        fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+        self.control = "http://" + fields["control"]
+        self.data = "http://" + fields["data"]
+
+    def _ready_line(self, timeout: float) -> str:
+        import selectors
+
+        out = self.proc.popen.stdout
+        assert out is not None
+        sel = selectors.DefaultSelector()
+        sel.register(out, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise TimeoutError("jobsd did not print READY:\n" + self.proc.log_text())
+            line = out.readline().decode(errors="replace")
+            if not line:
+                raise RuntimeError("jobsd exited:\n" + self.proc.log_text())
+            if line.startswith("READY "):
+                return line.strip()
+
+    def iot(self):
+        """A boto3 `iot` client for the control plane, as an operator would use it."""
+        return boto3_client("iot", self.control)
+
+    def jobs_data(self):
+        return boto3_client("iot-jobs-data", self.data)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def boto3_client(service: str, url: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        service,
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+        config=Config(retries={"max_attempts": 1}),
+    )
+
+
+class Device:
+    """One tools/devsim process: a simulated board running firmware/ under the unix port."""
+
+    def __init__(self, workdir: str, thing: str, broker: str, tls_dir: Optional[str] = None,
+                 heap: str = "64K", extra: Optional[list[str]] = None) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.thing = thing
+        self.flash = os.path.join(workdir, "flash")
+        argv = [os.path.join(TOOLS, "devsim"), "--thing", thing, "--broker", broker,
+                "--flash", self.flash, "--heap", heap]
+        if tls_dir:
+            argv += ["--tls", tls_dir]
+        argv += extra or []
+        self.proc = Proc("devsim-" + thing, argv, os.path.join(workdir, "device.log"))
+
+    def log_text(self, tail: int = 8000) -> str:
+        return self.proc.log_text(tail)
+
+    def stop(self) -> Optional[int]:
+        return self.proc.stop()
