@@ -165,3 +165,18 @@ def pytest_pycollect_makemodule(module_path, parent):
     if os.path.dirname(str(module_path)) == DEVICE_TESTS:
         return MicroPythonModule.from_parent(parent, path=module_path)
     return None
+
+
+# -- watching the wire ---------------------------------------------------------------------------
+@pytest.fixture
+def spy(mosquitto):
+    spies: list[stack.Spy] = []
+
+    def start(thing: str) -> stack.Spy:
+        s = stack.Spy(mosquitto.port, thing)
+        spies.append(s)
+        return s
+
+    yield start
+    for s in spies:
+        s.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import json
 import socket
 import subprocess
 import time
@@ -231,3 +232,58 @@ class Device:
 
     def stop(self) -> Optional[int]:
         return self.proc.stop()
+
+
+class Spy:
+    """A paho client on the plain listener that records every jobs message of one thing."""
+
+    def __init__(self, broker_port: int, thing: str, on_message=None) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        self.on_message = on_message
+        self.messages: list[tuple[str, object]] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="spy-" + thing)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.connect("127.0.0.1", broker_port)
+        self.client.subscribe(f"$aws/things/{thing}/jobs/#", qos=1)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError("spy did not subscribe")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            payload = msg.payload
+        with self._cond:
+            self.messages.append((msg.topic, payload))
+            self._cond.notify_all()
+        if self.on_message:
+            self.on_message(msg.topic, payload)
+
+    def wait_for(self, pred, timeout: float = 20.0, what: str = "a message"):
+        """The first recorded (topic, payload) satisfying pred(topic, payload)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if pred(*m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    topics = [t for t, _ in self.messages]
+                    raise AssertionError(f"no {what} within {timeout}s; saw {topics}")
+                self._cond.wait(left)
+
+    def topics(self) -> list[str]:
+        with self._cond:
+            return [t for t, _ in self.messages]
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
