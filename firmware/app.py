@@ -46,14 +46,20 @@ def ssl_context(tls):
 
 
 def demo(job):
-    """The demonstration handler: `{"operation": "demo", "steps": 3, "fail": "why"}`.
+    """The demonstration handler: `{"operation": "demo", "steps": 3, "step_ms": 0, "fail": "why"}`.
 
-    Reports each step as IN_PROGRESS, then succeeds, or raises when `fail` is given."""
+    Reports each step as IN_PROGRESS (after step_ms of "work"), then succeeds, or raises when
+    `fail` is given."""
     doc = job.document
     steps = doc.get("steps", 3)
+    step_ms = doc.get("step_ms", 0)
     if not isinstance(steps, int) or not 0 <= steps <= 100:
         raise JobFailed("BAD_ARGUMENT", "steps must be an integer 0..100")
+    if not isinstance(step_ms, int) or not 0 <= step_ms <= 10000:
+        raise JobFailed("BAD_ARGUMENT", "step_ms must be an integer 0..10000")
     for i in range(steps):
+        if step_ms:
+            platform.sleep_ms(step_ms)
         job.progress(step="%d/%d" % (i + 1, steps))
     if doc.get("fail"):
         raise RuntimeError(doc["fail"])

@@ -95,3 +95,16 @@ def test_jobs_queued_before_boot_run_in_creation_order(jobsd, iot, device, spy):
     finals = [t.split("/")[4] for t, p in watch.messages
               if t.endswith("/update") and p.get("status") == "SUCCEEDED"]
     assert finals == ["early-0", "early-1", "early-2"]
+
+
+def test_device_reconnects_after_the_broker_restarts(jobsd, mosquitto, iot, device, spy):
+    thing = "dev-reconnect"
+    dev, _ = boot(iot, device, spy, thing)
+    create_job(iot, "before", thing, {"operation": "demo", "steps": 0})
+    assert wait_execution(iot, "before", thing, {"SUCCEEDED"}, device=dev)["status"] == "SUCCEEDED"
+    mosquitto.restart()
+    # The device comes back by itself (backoff, resubscribe) and asks for work again.
+    create_job(iot, "after", thing, {"operation": "demo", "steps": 1})
+    ex = wait_execution(iot, "after", thing, {"SUCCEEDED", "FAILED", "REJECTED"}, 60, device=dev)
+    assert ex["status"] == "SUCCEEDED", ex
+    assert "link lost" in dev.log_text()

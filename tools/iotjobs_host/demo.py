@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         running.append(dev)
         spy.wait_for(lambda t, p: t.endswith("/start-next"), 30, "the device to ask for work")
         job_id = "demo-" + time.strftime("%H%M%S")
-        document = {"operation": "demo", "steps": 3}
+        document = {"operation": "demo", "steps": 3, "step_ms": 400}
         print(f"demo: create job {job_id} {json.dumps(document)}")
         iot.create_job(jobId=job_id, targets=[f"arn:aws:iot:us-east-1:123456789012:thing/{THING}"],
                        document=json.dumps(document))

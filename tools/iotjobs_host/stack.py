@@ -112,6 +112,7 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             "persistence false",
+            "set_tcp_nodelay true",
             f"listener {self.port} 127.0.0.1",
             f"listener {self.tls_port} 127.0.0.1",
             f"cafile {pki.ca_pem}",
@@ -126,7 +127,12 @@ class Mosquitto:
             lines.insert(0, "user root")
         with open(conf, "w") as f:
             f.write("\n".join(lines) + "\n")
-        self.proc = Proc("mosquitto", [mosquitto_binary(), "-c", conf], os.path.join(workdir, "mosquitto.log"))
+        self.conf = conf
+        self.log_path = os.path.join(workdir, "mosquitto.log")
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = Proc("mosquitto", [mosquitto_binary(), "-c", self.conf], self.log_path)
         try:
             wait_until(lambda: (port_open(self.port) and port_open(self.tls_port)) or not self.proc.alive(),
                        10, "mosquitto to listen")
@@ -146,6 +152,11 @@ class Mosquitto:
 
     def stop(self) -> None:
         self.proc.stop()
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports (every client loses its connection)."""
+        self.proc.stop()
+        self._start()
 
 
 class Jobsd:

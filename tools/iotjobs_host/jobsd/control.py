@@ -1,0 +1,103 @@
+"""The `iot` control-plane subset on `--control`: paths and members as boto3's `iot` client
+sends them (botocore `iot/2015-05-28/service-2.json`, restJson1).
+
+Only routing and query/label decoding live here; behaviour is in `Service`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .rest import Request, Router
+from .rules import ALL_STATUSES, ApiError
+from .service import Service
+
+
+def _status_filter(req: Request, allowed: tuple[str, ...]) -> Optional[str]:
+    status = req.q_str("status")
+    if status is not None and status not in allowed:
+        raise ApiError("InvalidRequestException", 400,
+                       f"status must be one of {', '.join(allowed)}")
+    return status
+
+
+def build_router(service: Service) -> Router:
+    router = Router("control")
+
+    def create_thing(req: Request) -> dict[str, Any]:
+        return service.create_thing(req.labels["thingName"], req.body)
+
+    def describe_thing(req: Request) -> dict[str, Any]:
+        return service.describe_thing(req.labels["thingName"])
+
+    def list_things(req: Request) -> dict[str, Any]:
+        return service.list_things(req.q_int("maxResults"), req.q_str("nextToken"))
+
+    def create_job(req: Request) -> dict[str, Any]:
+        return service.create_job(req.labels["jobId"], req.body)
+
+    def describe_job(req: Request) -> dict[str, Any]:
+        return service.describe_job(req.labels["jobId"])
+
+    def get_job_document(req: Request) -> dict[str, Any]:
+        return service.get_job_document(req.labels["jobId"])
+
+    def list_jobs(req: Request) -> dict[str, Any]:
+        status = _status_filter(req, ("IN_PROGRESS", "CANCELED", "COMPLETED",
+                                      "DELETION_IN_PROGRESS", "SCHEDULED"))
+        selection = req.q_str("targetSelection")
+        if req.q_str("thingGroupName") or req.q_str("thingGroupId"):
+            raise ApiError("InvalidRequestException", 400, "thing groups are not supported yet")
+        return service.list_jobs(status, selection, req.q_int("maxResults"),
+                                 req.q_str("nextToken"))
+
+    def cancel_job(req: Request) -> dict[str, Any]:
+        return service.cancel_job(req.labels["jobId"], req.q_bool("force", False), req.body)
+
+    def delete_job(req: Request) -> None:
+        service.delete_job(req.labels["jobId"], req.q_bool("force", False))
+
+    def describe_job_execution(req: Request) -> dict[str, Any]:
+        return service.describe_job_execution(req.labels["jobId"], req.labels["thingName"],
+                                              req.q_int("executionNumber"))
+
+    def list_for_job(req: Request) -> dict[str, Any]:
+        return service.list_executions_for_job(req.labels["jobId"],
+                                               _status_filter(req, ALL_STATUSES),
+                                               req.q_int("maxResults"), req.q_str("nextToken"))
+
+    def list_for_thing(req: Request) -> dict[str, Any]:
+        return service.list_executions_for_thing(req.labels["thingName"],
+                                                 _status_filter(req, ALL_STATUSES),
+                                                 req.q_str("jobId"), req.q_int("maxResults"),
+                                                 req.q_str("nextToken"))
+
+    def cancel_job_execution(req: Request) -> None:
+        service.cancel_job_execution(req.labels["jobId"], req.labels["thingName"],
+                                     req.q_bool("force", False), req.body)
+
+    def delete_job_execution(req: Request) -> None:
+        try:
+            number = int(req.labels["executionNumber"])
+        except ValueError:
+            raise ApiError("InvalidRequestException", 400,
+                           "executionNumber must be an integer") from None
+        service.delete_job_execution(req.labels["jobId"], req.labels["thingName"], number,
+                                     req.q_bool("force", False))
+
+    router.add("POST", "/things/{thingName}", create_thing)
+    router.add("GET", "/things/{thingName}", describe_thing)
+    router.add("GET", "/things", list_things)
+    router.add("PUT", "/jobs/{jobId}", create_job)
+    router.add("GET", "/jobs/{jobId}", describe_job)
+    router.add("GET", "/jobs/{jobId}/job-document", get_job_document)
+    router.add("GET", "/jobs", list_jobs)
+    router.add("PUT", "/jobs/{jobId}/cancel", cancel_job)
+    router.add("DELETE", "/jobs/{jobId}", delete_job)
+    router.add("GET", "/jobs/{jobId}/things", list_for_job)
+    router.add("GET", "/things/{thingName}/jobs", list_for_thing)
+    router.add("GET", "/things/{thingName}/jobs/{jobId}", describe_job_execution)
+    router.add("PUT", "/things/{thingName}/jobs/{jobId}/cancel", cancel_job_execution)
+    router.add("DELETE", "/things/{thingName}/jobs/{jobId}/executionNumber/{executionNumber}",
+               delete_job_execution)
+    return router

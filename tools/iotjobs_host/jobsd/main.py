@@ -1,0 +1,111 @@
+"""Command line, start-up order and shutdown of jobsd.
+
+Start-up order matters to callers: the store opens first, both HTTP ports listen, then the
+MQTT subscription is acknowledged, and only then is the single `READY control=... data=...`
+line printed. A test or script that waits for that line can use every interface at once.
+SIGTERM and SIGINT stop the servers and the MQTT connection and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sqlite3
+import sys
+import threading
+from typing import Optional, Sequence
+
+from . import control, data
+from .mqtt import MqttBridge
+from .rest import RestServer
+from .service import Service
+from .store import Store
+
+log = logging.getLogger("jobsd")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return (host or "127.0.0.1"), int(port)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jobsd", description="Local AWS IoT Jobs service.")
+    p.add_argument("--broker", type=_host_port, required=True,
+                   help="MQTT broker plain listener, HOST:PORT")
+    p.add_argument("--data", type=_host_port, required=True,
+                   help="iot-jobs-data REST API listen address (port 0: pick one)")
+    p.add_argument("--control", type=_host_port, required=True,
+                   help="iot control-plane REST API listen address (port 0: pick one)")
+    p.add_argument("--db", required=True, help="SQLite database file (created if missing)")
+    p.add_argument("--files", help="folder of files to serve for OTA (not served yet)")
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--account", default="123456789012")
+    p.add_argument("--minute-seconds", type=float, default=60.0,
+                   help="length of a job-timer minute in seconds (tests shorten it)")
+    p.add_argument("--client-id", default="jobsd", help="MQTT client id")
+    p.add_argument("--log-level", default="INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    args = p.parse_args(argv)
+    if args.minute_seconds <= 0:
+        p.error("--minute-seconds must be positive")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level,
+                        format="jobsd %(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        store = Store(args.db)
+    except (OSError, sqlite3.Error, RuntimeError) as err:
+        log.error("cannot open database %s: %s", args.db, err)
+        return 1
+    service = Service(store, lambda topic, payload: None, region=args.region,
+                      account=args.account, minute_seconds=args.minute_seconds)
+    servers: list[RestServer] = []
+    bridge: Optional[MqttBridge] = None
+    try:
+        try:
+            control_server = RestServer(args.control, control.build_router(service))
+            servers.append(control_server)
+            data_server = RestServer(args.data, data.build_router(service))
+            servers.append(data_server)
+        except OSError as err:
+            log.error("cannot listen: %s", err)
+            return 1
+        if args.files:
+            log.warning("--files %s: file serving is not implemented yet", args.files)
+        bridge = MqttBridge(service, *args.broker, client_id=args.client_id)
+        service.set_publisher(bridge.publish)
+        for server in servers:
+            server.start()
+        bridge.start()
+        while not bridge.subscribed.wait(0.2):
+            if stop.is_set():
+                return 0
+        print(f"READY control={control_server.address} data={data_server.address}", flush=True)
+        log.info("ready: control=%s data=%s broker=%s:%d db=%s", control_server.address,
+                 data_server.address, *args.broker, args.db)
+        while not stop.wait(1.0):
+            pass
+        return 0
+    finally:
+        if bridge is not None:
+            bridge.stop()
+        for server in servers:
+            server.stop()
+        with service.lock:  # between requests, so no transaction is cut in half
+            store.close()

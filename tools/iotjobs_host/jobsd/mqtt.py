@@ -1,0 +1,211 @@
+"""The MQTT side of jobsd: the Jobs device API over a broker, as AWS IoT Core serves it.
+
+`answer()` is the pure part: topic and payload in, reply topic and payload out, nothing raised.
+`MqttBridge` is the paho plumbing around it: one connection (client id `jobsd`) that
+subscribes to `$aws/things/+/jobs/#`, feeds requests to `answer()`, publishes replies and the
+service's events at QoS 1, and reconnects and resubscribes when the broker goes away.
+
+The wildcard subscription also brings back everything jobsd publishes itself (accepted,
+rejected, notify, notify-next); those topics are responses, not requests, and are dropped so
+jobsd never answers its own output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from typing import Any, Optional
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from . import views
+from .rules import (NEXT, DeviceError, check_client_token, parse_describe, parse_start_next,
+                    parse_update, valid_job_id, valid_thing_name)
+from .service import Service, encode
+
+log = logging.getLogger("jobsd.mqtt")
+
+SUBSCRIPTION = "$aws/things/+/jobs/#"
+
+# Request kinds a topic can name.
+GET_PENDING = "get"
+START_NEXT = "start-next"
+DESCRIBE = "describe"
+UPDATE = "update"
+INVALID = "invalid"
+
+
+def route(topic: str) -> Optional[tuple[str, str, Optional[str]]]:
+    """Map a jobs topic to (kind, thing, job id); None for topics that are not requests.
+
+    Never raises: a foreign or malformed topic is either ignored or an InvalidTopic request.
+    """
+    parts = topic.split("/")
+    if len(parts) < 4 or parts[0] != "$aws" or parts[1] != "things" or parts[3] != "jobs":
+        return None
+    thing, rest = parts[2], parts[4:]
+    if rest and rest[-1] in ("accepted", "rejected"):
+        return None  # responses (ours, or a device publishing where it should not)
+    if rest in (["notify"], ["notify-next"]) or any(
+            part.startswith("notify-namespace-") for part in rest):
+        return None  # events, including the Greengrass `<J>/notify-namespace-<NS>/` form
+    if not valid_thing_name(thing):
+        return (INVALID, thing, None)
+    if rest == ["get"]:
+        return (GET_PENDING, thing, None)
+    if rest == ["start-next"]:
+        return (START_NEXT, thing, None)
+    if len(rest) == 2 and rest[1] == "get" and (rest[0] == NEXT or valid_job_id(rest[0])):
+        return (DESCRIBE, thing, rest[0])
+    if len(rest) == 2 and rest[1] == "update" and valid_job_id(rest[0]):
+        return (UPDATE, thing, rest[0])
+    return (INVALID, thing, None)
+
+
+def answer(service: Service, topic: str, payload: bytes) -> Optional[tuple[str, bytes]]:
+    """Handle one request; return the reply to publish, or None when the topic is no request."""
+    target = route(topic)
+    if target is None:
+        return None
+    kind, thing, job_id = target
+    token: Optional[str] = None
+    try:
+        try:
+            body: Any = json.loads(payload.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError is a ValueError
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("clientToken"), str):
+            token = body["clientToken"]  # echoed in every reply, rejections included
+        if kind == INVALID:
+            raise DeviceError("InvalidTopic", f"Topic {topic} does not name a jobs API")
+        if body is None:
+            raise DeviceError("InvalidJson", "Payload is not valid UTF-8 JSON")
+        if not isinstance(body, dict):
+            raise DeviceError("InvalidRequest", "Payload must be a JSON object")
+        reply = _dispatch(service, kind, thing, job_id, body)
+        if token is not None:
+            reply = {"clientToken": token, **reply}
+        return topic + "/accepted", encode(reply)
+    except DeviceError as err:
+        return topic + "/rejected", encode(_rejection(service, err, token))
+    except Exception:  # never let one bad request take the bridge down
+        log.exception("internal error answering %s", topic)
+        err = DeviceError("InternalError", "Internal error")
+        return topic + "/rejected", encode(_rejection(service, err, token))
+
+
+def _rejection(service: Service, err: DeviceError, token: Optional[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"code": err.code, "message": err.message}
+    if token is not None:
+        out["clientToken"] = token
+    out["timestamp"] = service.now()
+    if err.state is not None and err.code in ("InvalidStateTransition", "VersionMismatch"):
+        out["executionState"] = views.execution_state(err.state)
+    return out
+
+
+def _dispatch(service: Service, kind: str, thing: str, job_id: Optional[str],
+              body: dict[str, Any]) -> dict[str, Any]:
+    if kind == GET_PENDING:
+        check_client_token(body)  # GetPendingJobExecutions has no other member
+        in_progress, queued = service.get_pending(thing)
+        return {"timestamp": service.now(),
+                "inProgressJobs": [views.summary(ex) for ex in in_progress],
+                "queuedJobs": [views.summary(ex) for ex in queued]}
+    if kind == START_NEXT:
+        started = service.start_next(thing, parse_start_next(body))
+        out: dict[str, Any] = {"timestamp": service.now()}
+        if started is not None:
+            out["execution"] = views.device_execution(started[0], started[1], as_string=False)
+        return out
+    assert job_id is not None
+    if kind == DESCRIBE:
+        req = parse_describe(body)
+        found = service.describe(thing, job_id, req)
+        out = {"timestamp": service.now()}
+        if found is not None:
+            out["execution"] = views.device_execution(
+                found[0], found[1] if req.include_document else None, as_string=False)
+        return out
+    req_u = parse_update(body)
+    ex, document = service.update(thing, job_id, req_u)
+    out = {"timestamp": service.now()}
+    if req_u.include_state:
+        out["executionState"] = views.execution_state(ex)
+    if req_u.include_document:
+        out["jobDocument"] = views.document_object(document)
+    return out
+
+
+def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    """Replies and events go out as several small packets in a row; without TCP_NODELAY each
+    waits for the broker's delayed ACK (about 40 ms on loopback)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (e.g. a websocket wrapper): nothing to tune
+
+
+class MqttBridge:
+    """One paho connection carrying requests in and replies and events out."""
+
+    def __init__(self, service: Service, host: str, port: int, client_id: str = "jobsd",
+                 keepalive: int = 30) -> None:
+        self._service = service
+        self._host, self._port, self._keepalive = host, port, keepalive
+        self.subscribed = threading.Event()
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   protocol=paho.MQTTv311, clean_session=True)
+        self._client.reconnect_delay_set(min_delay=0.25, max_delay=5)  # type: ignore[arg-type]
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._client.on_socket_open = _no_delay
+
+    def start(self) -> None:
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        self._client.loop_start()  # its thread retries the first connection and reconnects
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            log.warning("publish to %s queued while disconnected (rc=%s)", topic, info.rc)
+
+    # -- paho callbacks (network thread) -------------------------------------------------------
+    def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
+                    _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
+        log.info("connected to %s:%d, subscribing %s", self._host, self._port, SUBSCRIPTION)
+        client.subscribe(SUBSCRIPTION, qos=1)
+
+    def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
+                       _props: Any) -> None:
+        self.subscribed.clear()
+        log.warning("disconnected from broker: %s", reason)
+
+    def _on_subscribe(self, _client: paho.Client, _userdata: Any, _mid: int, reasons: Any,
+                      _props: Any) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("broker refused the subscription %s: %s", SUBSCRIPTION, reasons)
+            return
+        self.subscribed.set()
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            reply = answer(self._service, msg.topic, msg.payload)
+        except Exception:  # answer() already guards; this is the last line of defence
+            log.exception("dropping message on %s", msg.topic)
+            return
+        if reply is not None:
+            log.debug("%s -> %s", msg.topic, reply[0])
+            self.publish(*reply)

@@ -1,0 +1,180 @@
+"""A minimal restJson1 server: path-template routing, JSON bodies, AWS-shaped errors.
+
+Both HTTP faces of jobsd (the `iot` control plane and the `iot-jobs-data` device API) are
+restJson1 services as botocore speaks them: the operation is chosen by method and path, URI
+labels are percent-encoded (`$next` arrives as `%24next`), and an error is signalled by the
+`x-amzn-ErrorType` header plus a JSON body with `message`. Anything else a client sends (bad
+JSON, unknown paths, an exception in a handler) still gets a well-formed error, so an SDK
+always raises a ClientError instead of failing to parse the reply.
+
+HTTP/1.1 with Content-Length on every reply, because boto3 keeps connections alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .rules import ApiError as RestError
+
+log = logging.getLogger("jobsd.http")
+
+MAX_BODY = 1 << 20  # a CreateJob with a 32 KB document is far below this
+
+
+@dataclass
+class Request:
+    method: str
+    labels: dict[str, str]
+    query: dict[str, str]
+    body: dict[str, Any]
+
+    def q_str(self, name: str) -> Optional[str]:
+        return self.query.get(name)
+
+    def q_int(self, name: str) -> Optional[int]:
+        value = self.query.get(name)
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise RestError("InvalidRequestException", 400, f"{name} must be an integer") from None
+
+    def q_bool(self, name: str, default: bool) -> bool:
+        value = self.query.get(name)
+        if value is None:
+            return default
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise RestError("InvalidRequestException", 400, f"{name} must be true or false")
+
+
+# A handler returns the JSON body of the 200 reply (None for an empty object).
+Handler = Callable[[Request], Optional[dict[str, Any]]]
+
+
+class Router:
+    """Routes by method and a path template such as `/things/{thingName}/jobs/{jobId}`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._routes: list[tuple[str, list[str], Handler]] = []
+
+    def add(self, method: str, template: str, handler: Handler) -> None:
+        self._routes.append((method, template.strip("/").split("/"), handler))
+
+    def match(self, method: str, segments: list[str]) -> Optional[tuple[Handler, dict[str, str]]]:
+        for route_method, pattern, handler in self._routes:
+            if route_method != method or len(pattern) != len(segments):
+                continue
+            labels: dict[str, str] = {}
+            for want, got in zip(pattern, segments):
+                if want.startswith("{"):
+                    if not got:
+                        break
+                    labels[want[1:-1]] = got
+                elif want != got:
+                    break
+            else:
+                return handler, labels
+        return None
+
+    def handle(self, method: str, target: str,
+               raw_body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Return (status, body, extra headers); never raises."""
+        try:
+            parts = urlsplit(target)
+            path = parts.path.strip("/")
+            segments = [unquote(s) for s in path.split("/")] if path else []
+            found = self.match(method, segments)
+            if found is None:
+                raise RestError("UnknownOperationException", 404,
+                                f"{self.name} has no operation for {method} {parts.path}")
+            handler, labels = found
+            query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+            body: Any = {}
+            if raw_body.strip():
+                try:
+                    body = json.loads(raw_body.decode("utf-8"))
+                except ValueError:
+                    raise RestError("InvalidRequestException", 400,
+                                    "Request body is not valid UTF-8 JSON") from None
+                if not isinstance(body, dict):
+                    raise RestError("InvalidRequestException", 400,
+                                    "Request body must be a JSON object")
+            result = handler(Request(method, labels, query, body))
+            return 200, result or {}, {}
+        except RestError as err:
+            return (err.status, {"message": err.message, **err.extra},
+                    {"x-amzn-ErrorType": err.error_type})
+        except Exception:
+            log.exception("internal error on %s %s", method, target)
+            return (500, {"message": "Internal error"},
+                    {"x-amzn-ErrorType": "InternalFailureException"})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body are two writes; without TCP_NODELAY the second waits for the client's
+    # delayed ACK (about 40 ms a request on loopback).
+    disable_nagle_algorithm = True
+    server: "RestServer"
+
+    def _serve(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True  # the body cannot be skipped reliably
+            status, body, headers = 400, {"message": "Content-Length missing or too large"}, {
+                "x-amzn-ErrorType": "InvalidRequestException"}
+        else:
+            raw = self.rfile.read(length) if length else b""
+            status, body, headers = self.server.router.handle(self.command, self.path, raw)
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        log.debug("%s %s", self.server.router.name, format % args)
+
+
+class RestServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], router: Router) -> None:
+        self.router = router
+        super().__init__(address, _Handler)
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def address(self) -> str:
+        host, port = self.server_address[:2]
+        return f"{host}:{port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.1,),
+                                        name=self.router.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:  # shutdown() would wait forever for a loop never started
+            self.shutdown()
+            self._thread.join()
+        self.server_close()

@@ -1,0 +1,148 @@
+"""Wire shapes of executions and jobs, one function per shape.
+
+The same stored execution is spelled three ways: MQTT (jobDocument as a JSON object, plain
+statusDetails, `thingName`), the iot-jobs-data REST API (jobDocument as a JSON string), and the
+`iot` control plane (`thingArn`, statusDetails wrapped in `detailsMap`). Keeping them side by
+side makes the differences visible and keeps the service free of wire concerns.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from .store import Execution, Job, Thing
+
+
+def document_object(document: str) -> Any:
+    """The job document as MQTT carries it; CreateJob guarantees it parses to an object."""
+    return json.loads(document)
+
+
+def summary(ex: Execution) -> dict[str, Any]:
+    """JobExecutionSummary of the device APIs (notify, GetPending): no status member."""
+    out: dict[str, Any] = {"jobId": ex.job_id, "queuedAt": ex.queued_at}
+    if ex.started_at is not None:
+        out["startedAt"] = ex.started_at
+    out["lastUpdatedAt"] = ex.last_updated_at
+    out["versionNumber"] = ex.version_number
+    out["executionNumber"] = ex.execution_number
+    return out
+
+
+def execution_state(ex: Execution) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": ex.status}
+    if ex.status_details is not None:
+        out["statusDetails"] = ex.status_details
+    out["versionNumber"] = ex.version_number
+    return out
+
+
+def device_execution(ex: Execution, document: Optional[str], as_string: bool) -> dict[str, Any]:
+    """JobExecution of the device APIs; `as_string` selects the REST spelling of jobDocument."""
+    out: dict[str, Any] = {"jobId": ex.job_id, "thingName": ex.thing_name, "status": ex.status}
+    if ex.status_details is not None:
+        out["statusDetails"] = ex.status_details
+    out["queuedAt"] = ex.queued_at
+    if ex.started_at is not None:
+        out["startedAt"] = ex.started_at
+    out["lastUpdatedAt"] = ex.last_updated_at
+    out["versionNumber"] = ex.version_number
+    out["executionNumber"] = ex.execution_number
+    if document is not None:
+        out["jobDocument"] = document if as_string else document_object(document)
+    return out
+
+
+def notify_payload(pending: list[Execution], timestamp: int, limit: int) -> dict[str, Any]:
+    """JobExecutionsChanged: status name -> summaries, empty groups left out (PROTOCOL.md 1.9)."""
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for ex in pending[:limit]:
+        jobs.setdefault(ex.status, []).append(summary(ex))
+    return {"timestamp": timestamp, "jobs": jobs}
+
+
+# -- control plane (`iot`) ---------------------------------------------------------------------
+
+def thing_view(thing: Thing, arn: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"defaultClientId": thing.name, "thingName": thing.name,
+                           "thingId": thing.thing_id, "thingArn": arn,
+                           "attributes": thing.attributes, "version": thing.version}
+    if thing.thing_type:
+        out["thingTypeName"] = thing.thing_type
+    return out
+
+
+def control_execution_summary(ex: Execution) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": ex.status, "queuedAt": ex.queued_at}
+    if ex.started_at is not None:
+        out["startedAt"] = ex.started_at
+    out["lastUpdatedAt"] = ex.last_updated_at
+    out["executionNumber"] = ex.execution_number
+    return out
+
+
+def control_execution(ex: Execution, thing_arn: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"jobId": ex.job_id, "status": ex.status,
+                           "forceCanceled": ex.force_canceled, "thingArn": thing_arn,
+                           "statusDetails": {"detailsMap": ex.status_details or {}},
+                           "queuedAt": ex.queued_at}
+    if ex.started_at is not None:
+        out["startedAt"] = ex.started_at
+    out["lastUpdatedAt"] = ex.last_updated_at
+    out["executionNumber"] = ex.execution_number
+    out["versionNumber"] = ex.version_number
+    return out
+
+
+_COUNT_NAMES = {
+    "CANCELED": "numberOfCanceledThings", "SUCCEEDED": "numberOfSucceededThings",
+    "FAILED": "numberOfFailedThings", "REJECTED": "numberOfRejectedThings",
+    "QUEUED": "numberOfQueuedThings", "IN_PROGRESS": "numberOfInProgressThings",
+    "REMOVED": "numberOfRemovedThings", "TIMED_OUT": "numberOfTimedOutThings",
+}
+
+
+def process_details(executions: list[Execution]) -> dict[str, int]:
+    """Counts per status over the latest execution of each thing."""
+    latest: dict[str, Execution] = {}
+    for ex in executions:
+        known = latest.get(ex.thing_name)
+        if known is None or ex.execution_number > known.execution_number:
+            latest[ex.thing_name] = ex
+    counts = {name: 0 for name in _COUNT_NAMES.values()}
+    for ex in latest.values():
+        counts[_COUNT_NAMES[ex.status]] += 1
+    return counts
+
+
+def job_summary(job: Job, arn: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"jobArn": arn, "jobId": job.job_id,
+                           "targetSelection": job.target_selection, "status": job.status,
+                           "createdAt": job.created_at, "lastUpdatedAt": job.last_updated_at,
+                           "isConcurrent": False}
+    if job.completed_at is not None:
+        out["completedAt"] = job.completed_at
+    return out
+
+
+def job_view(job: Job, arn: str, executions: list[Execution]) -> dict[str, Any]:
+    out = job_summary(job, arn)
+    del out["isConcurrent"]
+    out["targets"] = job.targets
+    if job.description is not None:
+        out["description"] = job.description
+    if job.status == "CANCELED":
+        out["forceCanceled"] = job.force_canceled
+    if job.reason_code is not None:
+        out["reasonCode"] = job.reason_code
+    if job.comment is not None:
+        out["comment"] = job.comment
+    out["jobProcessDetails"] = process_details(executions)
+    for name in ("timeoutConfig", "presignedUrlConfig", "jobExecutionsRolloutConfig",
+                 "abortConfig", "jobExecutionsRetryConfig", "schedulingConfig",
+                 "documentParameters", "namespaceId"):
+        if name in job.config:
+            out[name] = job.config[name]
+    out["isConcurrent"] = False
+    return out
