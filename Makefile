@@ -1,7 +1,8 @@
 # Entry points for users, tests and CI. `make test` and `make demo` set everything up themselves.
-.PHONY: setup build test test-fast demo bench clean
+.PHONY: setup build test demo lint clean
 
 PY := .venv/bin/python
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo
 
 setup:
 	@tools/setup
@@ -15,8 +16,8 @@ test: setup
 demo: setup
 	@tools/demo
 
-bench: setup
-	@tools/bench
+lint: setup
+	.venv/bin/ruff check $(LINT_PATHS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -6,7 +6,6 @@
 #    "keepalive": 60, "client_id": "dev1"}
 # "tls" absent means plain TCP (only for a local broker).
 import json
-import sys
 import time
 import platform
 from iotjobs.transport import Transport

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -65,7 +64,7 @@ def jobsd(tmp_path, mosquitto, procs) -> stack.Jobsd:
 @pytest.fixture
 def iot(jobsd):
     """boto3 `iot` (control plane) client of the test's jobsd."""
-    return jobsd.iot()
+    return jobsd.iot
 
 
 @pytest.fixture

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import queue
-import select
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
+from collections.abc import Iterator
 
-import boto3
 import paho.mqtt.client as paho
 import pytest
 from botocore.exceptions import ClientError
@@ -35,105 +30,30 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
+from iotjobs_host import stack  # noqa: E402
 from iotjobs_host.jobsd.mqtt import route  # noqa: E402  (pure; no broker needed)
-JOBSD = ROOT / "tools" / "jobsd"
-MOSQUITTO = "/usr/sbin/mosquitto"
+from iotjobs_host.pki import PKI  # noqa: E402
+from iotjobs_host.stack import Jobsd  # noqa: E402
+
 TIMEOUT = 5.0
 REGION, ACCOUNT = "us-east-1", "123456789012"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
 
-
-# -- processes ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, deadline: float) -> None:
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {port}") from None
-            time.sleep(0.02)  # poll interval, bounded by the deadline
-
-
-def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> Optional[int]:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-@contextmanager
-def mosquitto(folder: Path, port: Optional[int] = None) -> Iterator[int]:
-    port = port or free_port()
-    conf = folder / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\n"
-                    "set_tcp_nodelay true\n"
-                    + ("user root\n" if os.geteuid() == 0 else ""))
-    log = open(folder / f"mosquitto-{port}.log", "ab")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=log)
-    try:
-        wait_port(port, time.monotonic() + TIMEOUT)
-        yield port
-    finally:
-        stop_process(proc)
-        log.close()
-
-
-class Jobsd:
-    """One jobsd process and boto3 clients for its two HTTP faces."""
-
-    def __init__(self, broker: int, db: Path, log: Path) -> None:
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [str(JOBSD), "--broker", f"127.0.0.1:{broker}", "--data", "127.0.0.1:0",
-             "--control", "127.0.0.1:0", "--db", str(db)],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 15
-        line = ""
-        while not line:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.proc.poll() is not None:
-                stop_process(self.proc)
-                raise RuntimeError(f"jobsd did not become ready; see {log}")
-            if select.select([self.proc.stdout], [], [], remaining)[0]:
-                line = self.proc.stdout.readline()
-        fields = dict(item.split("=", 1) for item in line.split()[1:])
-        assert line.startswith("READY "), line
-        self.control_url = "http://" + fields["control"]
-        self.data_url = "http://" + fields["data"]
-        creds = dict(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
-        self.iot = boto3.client("iot", endpoint_url=self.control_url, **creds)
-        self.data = boto3.client("iot-jobs-data", endpoint_url=self.data_url, **creds)
-
-    def stop(self) -> Optional[int]:
-        code = stop_process(self.proc)
-        self.log.close()
-        return code
-
+# -- processes (tools/iotjobs_host/stack.py, shared with the other system tests) -------------
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    with mosquitto(tmp_path_factory.mktemp("broker")) as port:
-        yield port
+def broker(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[int]:
+    m = stack.Mosquitto(str(tmp_path_factory.mktemp("broker")), pki)
+    try:
+        yield m.port
+    finally:
+        m.stop()
 
 
 @pytest.fixture(scope="module")
 def jobsd(broker: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobsd]:
-    folder = tmp_path_factory.mktemp("jobsd")
-    service = Jobsd(broker, folder / "jobs.db", folder / "jobsd.log")
+    """One jobsd for the module (each test works on fresh things and jobs)."""
+    service = Jobsd(str(tmp_path_factory.mktemp("jobsd")), f"127.0.0.1:{broker}")
     try:
         yield service
     finally:
@@ -635,36 +555,38 @@ def test_data_plane_api(jobsd: Jobsd, device: Device) -> None:
     assert "execution" not in jobsd.data.start_next_pending_job_execution(thingName=thing)
 
 
-def test_restart_reconnect_and_sigterm(tmp_path: Path) -> None:
+def test_restart_reconnect_and_sigterm(tmp_path: Path, pki: PKI) -> None:
     """State survives a restart; jobsd resubscribes after a broker restart; SIGTERM exits 0."""
-    port = free_port()
-    db = tmp_path / "jobs.db"
-    with mosquitto(tmp_path, port):
-        first = Jobsd(port, db, tmp_path / "jobsd1.log")
+    db = str(tmp_path / "jobs.db")
+    broker = stack.Mosquitto(str(tmp_path / "broker"), pki)
+    second = None
+    try:
+        first = Jobsd(str(tmp_path), broker.broker, db=db, log_name="jobsd1.log")
         first.iot.create_thing(thingName="persist")
         job = new_job(first, "persist")
         assert first.stop() == 0
-        second = Jobsd(port, db, tmp_path / "jobsd2.log")
-    try:
+        second = Jobsd(str(tmp_path), broker.broker, db=db, log_name="jobsd2.log")
         assert second.iot.describe_job(jobId=job)["job"]["status"] == "IN_PROGRESS"
-        with mosquitto(tmp_path, port):  # the broker comes back on the same port
-            dev = Device(port, "persist")
-            try:
-                deadline = time.monotonic() + 10
-                while True:  # until jobsd has reconnected and resubscribed
-                    dev.publish("get", {"clientToken": "after-restart"})
-                    try:
-                        topic, body = dev.inbox.get(timeout=0.2)
-                        break
-                    except queue.Empty:  # jobsd not back yet; ask again
-                        assert time.monotonic() < deadline, "jobsd did not resubscribe"
-                assert topic == "get/accepted"
-                assert [j["jobId"] for j in body["queuedJobs"]] == [job]
-            finally:
-                dev.close()
-            assert second.stop() == 0
+        broker.restart()  # the broker comes back on the same port
+        dev = Device(broker.port, "persist")
+        try:
+            deadline = time.monotonic() + 10
+            while True:  # until jobsd has reconnected and resubscribed
+                dev.publish("get", {"clientToken": "after-restart"})
+                try:
+                    topic, body = dev.inbox.get(timeout=0.2)
+                    break
+                except queue.Empty:  # jobsd not back yet; ask again
+                    assert time.monotonic() < deadline, "jobsd did not resubscribe"
+            assert topic == "get/accepted"
+            assert [j["jobId"] for j in body["queuedJobs"]] == [job]
+        finally:
+            dev.close()
+        assert second.stop() == 0
     finally:
-        second.stop()
+        if second is not None:
+            second.stop()
+        broker.stop()
 
 
 @pytest.mark.parametrize("topic,expected", [
@@ -711,4 +633,4 @@ def test_hostile_http(jobsd: Jobsd) -> None:
             assert data["message"]
     finally:
         conn.close()
-    assert jobsd.proc.poll() is None
+    assert jobsd.proc.alive()

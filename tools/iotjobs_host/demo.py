@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: jobsd (local AWS IoT Jobs)")
         jobsd = stack.Jobsd(os.path.join(work, "jobsd"), mosq.broker)
         running.append(jobsd)
-        iot = jobsd.iot()
+        iot = jobsd.iot
         iot.create_thing(thingName=THING)
         spy = stack.Spy(mosq.port, THING, on_message=lambda t, p: show(t0, t, p))
         running.append(spy)

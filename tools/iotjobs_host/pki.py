@@ -31,7 +31,7 @@ class PKI:
         os.makedirs(folder, exist_ok=True)
         self.days = days
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.ca_cert = (
             x509.CertificateBuilder()
             .subject_name(_name("iotjobs test CA"))
@@ -54,7 +54,7 @@ class PKI:
     def _issue(self, cn: str, folder: str, server: bool) -> dict[str, str]:
         os.makedirs(folder, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         b = (
             x509.CertificateBuilder()
             .subject_name(_name(cn))

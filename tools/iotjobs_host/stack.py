@@ -11,9 +11,10 @@ import json
 import socket
 import subprocess
 import time
-from typing import IO, Callable, Optional
+from typing import IO, Optional
+from collections.abc import Callable
 
-from . import ROOT, TOOLS
+from . import TOOLS
 from .pki import PKI
 
 
@@ -97,11 +98,12 @@ class Proc:
 class Mosquitto:
     """mosquitto with a plain listener and a mutual-TLS listener (client CN = MQTT username)."""
 
-    def __init__(self, workdir: str, pki: PKI, acl_file: Optional[str] = None) -> None:
+    def __init__(self, workdir: str, pki: PKI, acl_file: Optional[str] = None,
+                 port: Optional[int] = None, tls_port: Optional[int] = None) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port = free_port()
-        self.tls_port = free_port()
+        self.port = port or free_port()
+        self.tls_port = tls_port or free_port()
         srv = pki.server()
         conf = os.path.join(workdir, "mosquitto.conf")
         lines = [
@@ -150,8 +152,8 @@ class Mosquitto:
     def tls_broker(self) -> str:
         return f"{self.host}:{self.tls_port}"
 
-    def stop(self) -> None:
-        self.proc.stop()
+    def stop(self) -> Optional[int]:
+        return self.proc.stop()
 
     def restart(self) -> None:
         """Stop and start again on the same ports (every client loses its connection)."""
@@ -163,22 +165,26 @@ class Jobsd:
     """tools/jobsd on free ports; ready when it prints its READY line."""
 
     def __init__(self, workdir: str, broker: str, files: Optional[str] = None,
-                 extra: Optional[list[str]] = None) -> None:
+                 extra: Optional[list[str]] = None, db: Optional[str] = None,
+                 log_name: str = "jobsd.log") -> None:
         os.makedirs(workdir, exist_ok=True)
         argv = [os.path.join(TOOLS, "jobsd"), "--broker", broker, "--data", "127.0.0.1:0",
-                "--control", "127.0.0.1:0", "--db", os.path.join(workdir, "jobsd.sqlite3")]
+                "--control", "127.0.0.1:0", "--db", db or os.path.join(workdir, "jobsd.sqlite3")]
         if files:
             argv += ["--files", files]
         argv += extra or []
-        self.proc = Proc("jobsd", argv, os.path.join(workdir, "jobsd.log"), stdout_pipe=True)
+        self.proc = Proc("jobsd", argv, os.path.join(workdir, log_name), stdout_pipe=True)
         try:
             line = self._ready_line(20)
         except Exception:
             self.proc.stop()
             raise
         fields = dict(kv.split("=", 1) for kv in line.split()[1:])
-        self.control = "http://" + fields["control"]
-        self.data = "http://" + fields["data"]
+        self.control_url = "http://" + fields["control"]
+        self.data_url = "http://" + fields["data"]
+        # boto3 clients, as an operator (`iot`) and an HTTPS device (`iot-jobs-data`) use them
+        self.iot = boto3_client("iot", self.control_url)
+        self.data = boto3_client("iot-jobs-data", self.data_url)
 
     def _ready_line(self, timeout: float) -> str:
         import selectors
@@ -198,15 +204,8 @@ class Jobsd:
             if line.startswith("READY "):
                 return line.strip()
 
-    def iot(self):
-        """A boto3 `iot` client for the control plane, as an operator would use it."""
-        return boto3_client("iot", self.control)
-
-    def jobs_data(self):
-        return boto3_client("iot-jobs-data", self.data)
-
-    def stop(self) -> None:
-        self.proc.stop()
+    def stop(self) -> Optional[int]:
+        return self.proc.stop()
 
 
 def boto3_client(service: str, url: str):

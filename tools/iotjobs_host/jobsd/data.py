@@ -7,7 +7,8 @@ message naming the mismatch (PROTOCOL.md 8, A3).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+from collections.abc import Callable
 
 from . import views
 from .rest import Request, Router

@@ -14,7 +14,8 @@ import signal
 import sqlite3
 import sys
 import threading
-from typing import Optional, Sequence
+from typing import Optional
+from collections.abc import Sequence
 
 from . import control, data
 from .mqtt import MqttBridge

@@ -18,7 +18,8 @@ import threading
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .rules import ApiError as RestError
@@ -75,7 +76,7 @@ class Router:
             if route_method != method or len(pattern) != len(segments):
                 continue
             labels: dict[str, str] = {}
-            for want, got in zip(pattern, segments):
+            for want, got in zip(pattern, segments, strict=True):
                 if want.startswith("{"):
                     if not got:
                         break
@@ -125,7 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body are two writes; without TCP_NODELAY the second waits for the client's
     # delayed ACK (about 40 ms a request on loopback).
     disable_nagle_algorithm = True
-    server: "RestServer"
+    server: RestServer
 
     def _serve(self) -> None:
         try:

@@ -20,7 +20,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+from collections.abc import Callable
 
 from . import views
 from .rules import (DEVICE_STATUSES, MAX_DESCRIPTION, MAX_DOCUMENT, MAX_PENDING_LISTED,

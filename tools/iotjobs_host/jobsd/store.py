@@ -15,7 +15,8 @@ import contextlib
 import json
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
+from collections.abc import Iterator
 
 SCHEMA_VERSION = 1
 
