@@ -1,5 +1,5 @@
 # Entry points for users, tests and CI. `make test` and `make demo` set everything up themselves.
-.PHONY: setup build test demo lint clean
+.PHONY: setup build test demo bench lint clean
 
 PY := .venv/bin/python
 LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo
@@ -15,6 +15,9 @@ test: setup
 
 demo: setup
 	@tools/demo
+
+bench: setup
+	@tools/bench
 
 lint: setup
 	.venv/bin/ruff check $(LINT_PATHS)

@@ -108,3 +108,37 @@ def test_device_reconnects_after_the_broker_restarts(jobsd, mosquitto, iot, devi
     ex = wait_execution(iot, "after", thing, {"SUCCEEDED", "FAILED", "REJECTED"}, 60, device=dev)
     assert ex["status"] == "SUCCEEDED", ex
     assert "link lost" in dev.log_text()
+
+
+def test_hostile_messages_do_not_stop_the_device(jobsd, mosquitto, iot, device, spy):
+    """Junk on the device's own topics (malformed JSON, wrong types, replies nobody asked for,
+    a payload larger than the device holds) is dropped; the next job still runs."""
+    import paho.mqtt.client as mqtt
+
+    thing = "dev-hostile"
+    dev, _ = boot(iot, device, spy, thing)
+    base = f"$aws/things/{thing}/jobs/"
+    evil = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="evil")
+    evil.connect("127.0.0.1", mosquitto.port)
+    evil.loop_start()
+    try:
+        for topic, payload in [
+            ("notify-next", b"{not json"),
+            ("notify-next", b"\xff\xfe\x00"),
+            ("notify-next", b"[1, 2, 3]"),
+            ("notify-next", json.dumps({"execution": "not an object"}).encode()),
+            ("notify-next", b"{" + b" " * 50_000 + b"}"),  # larger than the device's limit
+            ("start-next/accepted", json.dumps({"clientToken": "forged", "execution": {
+                "jobId": "forged", "jobDocument": {"operation": "demo"}}}).encode()),
+            ("forged/update/rejected", b'{"code": "InternalError"}'),
+            ("$next/get/accepted", b""),
+        ]:
+            evil.publish(base + topic, payload, qos=1).wait_for_publish(5)
+    finally:
+        evil.loop_stop()
+        evil.disconnect()
+    create_job(iot, "after-junk", thing, {"operation": "demo", "steps": 1})
+    ex = wait_execution(iot, "after-junk", thing, {"SUCCEEDED", "FAILED", "REJECTED"}, device=dev)
+    assert ex["status"] == "SUCCEEDED", ex
+    assert "Traceback" not in dev.log_text()
+    assert "devsim: boot 2" not in dev.log_text(), "the device restarted"
