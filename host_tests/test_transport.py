@@ -8,7 +8,7 @@ import tempfile
 import paho.mqtt.client as mqtt
 import pytest
 
-from conftest import MICROPYTHON, ROOT
+from conftest import MICROPYTHON, ROOT, stack
 
 SCRIPT = os.path.join(ROOT, "host_tests", "scripts", "long_topic.py")
 
@@ -75,7 +75,10 @@ def test_message_from_another_client_on_200_byte_topic(mosquitto):
     assert "GOT 200 from-device" in out and "GOT 200 from-paho" in out, out + err
 
 
-def test_mutual_tls_verifies_the_broker(mosquitto, pki):
+def test_mutual_tls_verifies_the_broker(tmp_path, pki, procs):
+    # A broker without the per-thing ACL, so the client may talk to itself on any topic.
+    mosquitto = stack.Mosquitto(str(tmp_path / "open-broker"), pki, acl=False)
+    procs.append(mosquitto)
     folder = pki.thing("tlsdev")
     ok = run_device_script({"port": mosquitto.tls_port, "topic": topic_of(200), "expect": 1,
                             "tls": folder, "hostname": "localhost"})

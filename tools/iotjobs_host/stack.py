@@ -98,7 +98,7 @@ class Proc:
 class Mosquitto:
     """mosquitto with a plain listener and a mutual-TLS listener (client CN = MQTT username)."""
 
-    def __init__(self, workdir: str, pki: PKI, acl_file: Optional[str] = None,
+    def __init__(self, workdir: str, pki: PKI, acl: bool = True,
                  port: Optional[int] = None, tls_port: Optional[int] = None) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.host = "127.0.0.1"
@@ -107,23 +107,29 @@ class Mosquitto:
         srv = pki.server()
         conf = os.path.join(workdir, "mosquitto.conf")
         lines = [
-            "per_listener_settings false",
-            "allow_anonymous true",
+            "per_listener_settings true",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
             "log_type notice",
             "persistence false",
             "set_tcp_nodelay true",
+            # loopback plain listener: jobsd and host tools (trusted, no ACL)
             f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            # devices: mutual TLS, the certificate CN is the username (= thing name)
             f"listener {self.tls_port} 127.0.0.1",
             f"cafile {pki.ca_pem}",
             f"certfile {srv['cert_pem']}",
             f"keyfile {srv['key_pem']}",
             "require_certificate true",
             "use_identity_as_username true",
+            "allow_anonymous false",
         ]
-        if acl_file:
+        if acl:
+            # jobsd writes the ACL that keeps each thing on its own topics
+            acl_file = os.path.join(workdir, "things.acl")
+            subprocess.run([os.path.join(TOOLS, "jobsd"), "--write-acl", acl_file], check=True)
             lines.append(f"acl_file {acl_file}")
         if os.geteuid() == 0:
             lines.insert(0, "user root")
@@ -295,5 +301,5 @@ class Spy:
             return [t for t, _ in self.messages]
 
     def stop(self) -> None:
+        self.client.disconnect()  # first, so the loop thread ends at once
         self.client.loop_stop()
-        self.client.disconnect()

@@ -17,7 +17,7 @@ import threading
 from typing import Optional
 from collections.abc import Sequence
 
-from . import control, data
+from . import acl, control, data
 from .mqtt import MqttBridge
 from .rest import RestServer
 from .service import Service
@@ -35,6 +35,16 @@ def _host_port(text: str) -> tuple[str, int]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobsd", description="Local AWS IoT Jobs service.")
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--write-acl" in argv:  # a stand-alone action: needs none of the service's options
+        a = argparse.ArgumentParser(prog="jobsd --write-acl")
+        a.add_argument("--write-acl", metavar="FILE", required=True,
+                       help="write the mosquitto ACL for the TLS listener to FILE and exit")
+        return a.parse_args(argv)
+    p.add_argument("--write-acl", metavar="FILE",
+                   help="write the mosquitto ACL for the TLS listener (each thing on its own "
+                        "topics, identity from the client certificate) to FILE and exit")
     p.add_argument("--broker", type=_host_port, required=True,
                    help="MQTT broker plain listener, HOST:PORT")
     p.add_argument("--data", type=_host_port, required=True,
@@ -58,6 +68,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if getattr(args, "write_acl", None):
+        acl.write(args.write_acl)
+        return 0
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format="jobsd %(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
