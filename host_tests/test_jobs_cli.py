@@ -1,0 +1,83 @@
+"""tools/jobs against a real jobsd, with real simulated devices doing the work."""
+import json
+import os
+import subprocess
+
+from conftest import ROOT
+
+JOBS = os.path.join(ROOT, "tools", "jobs")
+
+
+def jobs(jobsd, *args, timeout=60):
+    return subprocess.run([JOBS, "--endpoint", jobsd.control_url, *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def doc_file(tmp_path, doc, name="doc.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(doc) if not isinstance(doc, str) else doc)
+    return str(p)
+
+
+def test_create_watch_describe_list(jobsd, iot, device, spy, tmp_path):
+    things = ["cli-a", "cli-b"]
+    devs = []
+    for t in things:
+        iot.create_thing(thingName=t)
+        watch = spy(t)
+        devs.append(device(t))
+        watch.wait_for(lambda topic, p: topic.endswith("/start-next"), what="device ready")
+    doc = doc_file(tmp_path, {"operation": "demo", "steps": 2})
+    r = jobs(jobsd, "create", "cli-job", "--document", doc, "--thing", "cli-a", "--thing", "cli-b",
+             "--description", "from the CLI")
+    assert r.returncode == 0, r.stderr
+    assert "created cli-job" in r.stdout and "2 target(s)" in r.stdout
+
+    w = jobs(jobsd, "watch", "cli-job", "--interval", "0.1", "--timeout", "60")
+    assert w.returncode == 0, w.stdout + w.stderr
+    assert "all 2 execution(s) terminal: 2 succeeded" in w.stdout
+    for t in things:
+        assert any(t in line and "SUCCEEDED" in line and '"reason": "OK"' in line
+                   for line in w.stdout.splitlines()), w.stdout
+
+    d = jobs(jobsd, "describe", "cli-job")
+    assert d.returncode == 0, d.stderr
+    assert "job cli-job: COMPLETED" in d.stdout
+    assert '"operation":"demo"' in d.stdout.replace(" ", "")
+    assert all(f"{t}" in d.stdout for t in things)
+
+    ls = jobs(jobsd, "list", "--status", "COMPLETED")
+    assert ls.returncode == 0 and "cli-job" in ls.stdout
+
+
+def test_watch_reports_failure_with_exit_1(jobsd, iot, device, spy, tmp_path):
+    iot.create_thing(thingName="cli-fail")
+    watch = spy("cli-fail")
+    device("cli-fail")
+    watch.wait_for(lambda topic, p: topic.endswith("/start-next"), what="device ready")
+    doc = doc_file(tmp_path, {"operation": "demo", "steps": 0, "fail": "nope"})
+    assert jobs(jobsd, "create", "cli-bad", "--document", doc, "--thing", "cli-fail").returncode == 0
+    w = jobs(jobsd, "watch", "cli-bad", "--interval", "0.1", "--timeout", "60")
+    assert w.returncode == 1, w.stdout + w.stderr
+    assert "FAILED" in w.stdout and "HANDLER_ERROR" in w.stdout
+
+
+def test_cancel_and_errors(jobsd, iot, tmp_path):
+    iot.create_thing(thingName="cli-idle")  # no device: the execution stays QUEUED
+    doc = doc_file(tmp_path, {"operation": "demo"})
+    assert jobs(jobsd, "create", "cli-cancel", "--document", doc, "--thing", "cli-idle").returncode == 0
+    c = jobs(jobsd, "cancel", "cli-cancel", "--reason", "NOT_NEEDED", "--comment", "test")
+    assert c.returncode == 0, c.stderr
+    ex = iot.describe_job_execution(jobId="cli-cancel", thingName="cli-idle")["execution"]
+    assert ex["status"] == "CANCELED"
+    assert iot.describe_job(jobId="cli-cancel")["job"]["status"] == "CANCELED"
+
+    bad = jobs(jobsd, "create", "cli-x", "--document", doc_file(tmp_path, "[1]", "list.json"),
+               "--thing", "cli-idle")
+    assert bad.returncode == 2 and "JSON object" in bad.stderr
+    nothing = jobs(jobsd, "create", "cli-y", "--document", doc)
+    assert nothing.returncode == 2 and "--thing or --group" in nothing.stderr
+    missing = jobs(jobsd, "create", "cli-z", "--document", doc, "--thing", "no-such-thing")
+    assert missing.returncode == 2 and "ResourceNotFoundException" in missing.stderr
+    dup = jobs(jobsd, "create", "cli-cancel", "--document", doc, "--thing", "cli-idle")
+    assert dup.returncode == 2 and "ResourceAlreadyExists" in dup.stderr

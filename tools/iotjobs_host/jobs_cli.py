@@ -1,0 +1,185 @@
+"""`tools/jobs`: create, list, describe, cancel and watch jobs, for people.
+
+Talks to the AWS IoT control plane through boto3's `iot` client, so the same commands work
+against jobsd (`--endpoint http://127.0.0.1:PORT`, or IOTJOBS_ENDPOINT) and against AWS IoT
+(no endpoint: boto3's usual credentials and region)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "REMOVED"}
+
+
+def client(args: argparse.Namespace):
+    import boto3
+
+    kw: dict[str, Any] = {"region_name": args.region}
+    if args.endpoint:
+        kw["endpoint_url"] = args.endpoint
+        # jobsd does not check signatures; boto3 still wants something to sign with
+        kw.setdefault("aws_access_key_id", os.environ.get("AWS_ACCESS_KEY_ID", "local"))
+        kw.setdefault("aws_secret_access_key", os.environ.get("AWS_SECRET_ACCESS_KEY", "local"))
+    return boto3.client("iot", **kw)
+
+
+def _targets(iot, things: list[str], groups: list[str]) -> list[str]:
+    """ARNs as the service spells them (asked, not built: the account id is the service's)."""
+    arns = [iot.describe_thing(thingName=t)["thingArn"] for t in things]
+    arns += [iot.describe_thing_group(thingGroupName=g)["thingGroupArn"] for g in groups]
+    return arns
+
+
+def cmd_create(iot, a: argparse.Namespace) -> int:
+    with open(a.document, "rb") as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        print(f"jobs: {a.document} is not JSON: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(doc, dict):
+        print(f"jobs: {a.document} must hold a JSON object", file=sys.stderr)
+        return 2
+    if not a.thing and not a.group:
+        print("jobs: name at least one --thing or --group", file=sys.stderr)
+        return 2
+    kw: dict[str, Any] = {
+        "jobId": a.job_id,
+        "targets": _targets(iot, a.thing, a.group),
+        "document": json.dumps(doc, separators=(",", ":")),
+        "targetSelection": "CONTINUOUS" if a.continuous else "SNAPSHOT",
+    }
+    if a.description:
+        kw["description"] = a.description
+    if a.timeout_minutes:
+        kw["timeoutConfig"] = {"inProgressTimeoutInMinutes": a.timeout_minutes}
+    out = iot.create_job(**kw)
+    print(f"created {out['jobId']} ({out['jobArn']}) for {len(kw['targets'])} target(s)")
+    return 0
+
+
+def cmd_list(iot, a: argparse.Namespace) -> int:
+    kw: dict[str, Any] = {"status": a.status} if a.status else {}
+    rows = []
+    for page in iot.get_paginator("list_jobs").paginate(**kw):
+        rows += page["jobs"]
+    for j in rows:
+        print(f"{j['jobId']:<40} {j['status']:<12} {j.get('targetSelection', ''):<10} "
+              f"{_ts(j.get('createdAt'))}")
+    if not rows:
+        print("no jobs")
+    return 0
+
+
+def _ts(t: Any) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S") if hasattr(t, "strftime") else str(t or "")
+
+
+def _executions(iot, job_id: str) -> list[dict]:
+    out = []
+    for page in iot.get_paginator("list_job_executions_for_job").paginate(jobId=job_id):
+        out += page["executionSummaries"]
+    return out
+
+
+def cmd_describe(iot, a: argparse.Namespace) -> int:
+    job = iot.describe_job(jobId=a.job_id)["job"]
+    doc = iot.get_job_document(jobId=a.job_id)["document"]
+    print(f"job {job['jobId']}: {job['status']} ({job.get('targetSelection')})")
+    if job.get("description"):
+        print(f"  description: {job['description']}")
+    print(f"  document: {doc}")
+    counts = {k: v for k, v in job.get("jobProcessDetails", {}).items() if v}
+    print(f"  executions: {json.dumps(counts)}")
+    for ex in _executions(iot, a.job_id):
+        thing = ex["thingArn"].rsplit("/", 1)[-1]
+        print(f"  {thing:<32} {ex['jobExecutionSummary']['status']}")
+    return 0
+
+
+def cmd_cancel(iot, a: argparse.Namespace) -> int:
+    kw: dict[str, Any] = {"jobId": a.job_id, "force": a.force}
+    if a.reason:
+        kw["reasonCode"] = a.reason
+    if a.comment:
+        kw["comment"] = a.comment
+    iot.cancel_job(**kw)
+    print(f"cancelled {a.job_id}" + (" (in-progress executions too)" if a.force else ""))
+    return 0
+
+
+def cmd_watch(iot, a: argparse.Namespace) -> int:
+    """One line per change of any thing's status or statusDetails, until all are terminal."""
+    seen: dict[str, tuple] = {}
+    t0 = time.monotonic()
+    while True:
+        things = [ex["thingArn"].rsplit("/", 1)[-1] for ex in _executions(iot, a.job_id)]
+        states = {}
+        for thing in things:
+            ex = iot.describe_job_execution(jobId=a.job_id, thingName=thing)["execution"]
+            details = ex.get("statusDetails", {}).get("detailsMap", {})
+            states[thing] = (ex["status"], json.dumps(details, sort_keys=True))
+            if seen.get(thing) != states[thing]:
+                seen[thing] = states[thing]
+                print(f"{time.monotonic() - t0:7.1f}s  {thing:<32} {ex['status']:<12} {states[thing][1]}",
+                      flush=True)
+        if things and all(s in TERMINAL for s, _ in states.values()):
+            ok = all(s == "SUCCEEDED" for s, _ in states.values())
+            print(f"all {len(states)} execution(s) terminal: "
+                  f"{sum(s == 'SUCCEEDED' for s, _ in states.values())} succeeded")
+            return 0 if ok else 1
+        if a.timeout and time.monotonic() - t0 > a.timeout:
+            print(f"jobs: not finished after {a.timeout}s", file=sys.stderr)
+            return 3
+        time.sleep(a.interval)  # polling the service: the interval is the user's choice
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tools/jobs", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--endpoint", default=os.environ.get("IOTJOBS_ENDPOINT"),
+                    help="control-plane URL of jobsd (default: $IOTJOBS_ENDPOINT, else AWS)")
+    ap.add_argument("--region", default=os.environ.get("AWS_REGION", "us-east-1"))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", help="create a job from a JSON document file")
+    c.add_argument("job_id")
+    c.add_argument("--document", required=True, help="file holding the job document (JSON object)")
+    c.add_argument("--thing", action="append", default=[], help="target thing (repeatable)")
+    c.add_argument("--group", action="append", default=[], help="target thing group (repeatable)")
+    c.add_argument("--continuous", action="store_true",
+                   help="CONTINUOUS: things added to a target group later get the job too")
+    c.add_argument("--timeout-minutes", type=int, help="in-progress timeout (1..10080)")
+    c.add_argument("--description")
+    ls = sub.add_parser("list", help="list jobs")
+    ls.add_argument("--status", choices=["IN_PROGRESS", "CANCELED", "COMPLETED", "DELETION_IN_PROGRESS"])
+    d = sub.add_parser("describe", help="a job, its document and each thing's status")
+    d.add_argument("job_id")
+    x = sub.add_parser("cancel", help="cancel a job")
+    x.add_argument("job_id")
+    x.add_argument("--force", action="store_true", help="also cancel IN_PROGRESS executions")
+    x.add_argument("--reason", help="reason code")
+    x.add_argument("--comment")
+    w = sub.add_parser("watch", help="live progress per thing until every execution is terminal; "
+                                     "exit 0 only if all SUCCEEDED")
+    w.add_argument("job_id")
+    w.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
+    w.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (exit 3)")
+    a = ap.parse_args(argv)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    iot = client(a)
+    try:
+        return {"create": cmd_create, "list": cmd_list, "describe": cmd_describe,
+                "cancel": cmd_cancel, "watch": cmd_watch}[a.cmd](iot, a)
+    except ClientError as e:
+        err = e.response.get("Error", {})
+        print(f"jobs: {err.get('Code')}: {err.get('Message')}", file=sys.stderr)
+        return 2
+    except (BotoCoreError, OSError) as e:
+        print(f"jobs: {e}", file=sys.stderr)
+        return 2
