@@ -8,7 +8,10 @@ on a number. Figures:
   5 SUBSCRIBEs), median;
 - job_ms: notify-next of a new job to the device's SUCCEEDED update being accepted, for a job
   with no steps, median over N jobs (wire times seen by a client on the broker);
-- code_bytes: compiled size of the device code (build/mpy/host)."""
+- code_bytes: compiled size of the device code (build/mpy/host);
+- jobsd: the service under load, see bench_jobsd.py.
+
+`tools/bench --only device|jobsd` runs one half."""
 from __future__ import annotations
 
 import json
@@ -110,12 +113,9 @@ class Bench:
         return boots, lat
 
 
-def main(argv: list[str] | None = None) -> int:
+def device_figures(work: str) -> dict:
     build("host")
     build("xtensawin")
-    work = os.path.join(BUILD, "bench")
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
     b = Bench(work)
     try:
         heap = b.heap_min_kb()
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         b.stop()
     sizes = dict(size_report("host"))
-    result = {
+    return {
         "heap_min_kb": heap,
         "boot_to_ready_ms": round(statistics.median(boots) * 1000, 1),
         "job_ms_median": round(statistics.median(lat) * 1000, 1),
@@ -131,16 +131,42 @@ def main(argv: list[str] | None = None) -> int:
         "jobs_timed": len(lat),
         "code_bytes": sum(sizes.values()),
         "code_bytes_by_file": sizes,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": os.uname().machine,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from . import bench_jobsd
+
+    ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
+    ap.add_argument("--only", choices=["device", "jobsd"])
+    args = ap.parse_args(argv)
+    work = os.path.join(BUILD, "bench")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    result: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "host": f"{os.uname().machine}, {os.cpu_count()} cpus"}
+    if args.only in (None, "device"):
+        d = result["device"] = device_figures(os.path.join(work, "device"))
+        print(f"device: smallest heap for a job over mutual TLS : {d['heap_min_kb']} KB")
+        print(f"device: boot to first start-next (median)       : {d['boot_to_ready_ms']} ms")
+        print(f"device: notify-next to SUCCEEDED accepted       : median {d['job_ms_median']} ms, "
+              f"max {d['job_ms_max']} ms over {d['jobs_timed']} jobs")
+        print(f"device: code (.mpy, incl. umqtt)                : {d['code_bytes']} bytes")
+    if args.only in (None, "jobsd"):
+        pki = PKI(os.path.join(work, "pki"))
+        j = result["jobsd"] = bench_jobsd.run(os.path.join(work, "jobsd"), pki)
+        print(f"jobsd: {j['executions']} executions ({j['things']} things x {j['jobs_per_thing']} jobs, "
+              f"{j['connections']} paho connections) in {j['wall_s']} s = {j['executions_per_s']}/s")
+        print(f"jobsd: start-next round trip under load p50 {j['start_next_ms_p50']} ms, "
+              f"p99 {j['start_next_ms_p99']} ms; update p50 {j['update_ms_p50']} ms, "
+              f"p99 {j['update_ms_p99']} ms")
+        print(f"jobsd: floor (mosquitto round trip to an echo client) p50 "
+              f"{j['floor_mosquitto_rtt_ms_p50']} ms; jobsd unloaded p50 "
+              f"{j['jobsd_sequential_rtt_ms_p50']} ms = {j['jobsd_sequential_vs_floor']}x the floor")
     with open(os.path.join(BUILD, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"smallest heap for a job over mutual TLS : {heap} KB")
-    print(f"boot to first start-next (median of {len(boots)}): {result['boot_to_ready_ms']} ms")
-    print(f"notify-next to SUCCEEDED accepted       : median {result['job_ms_median']} ms, "
-          f"max {result['job_ms_max']} ms over {len(lat)} jobs")
-    print(f"device code (.mpy, incl. umqtt)         : {result['code_bytes']} bytes")
     print("written to build/bench.json")
     return 0
 
