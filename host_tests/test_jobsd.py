@@ -182,9 +182,10 @@ def test_create_job_sends_notify_and_notify_next(jobsd: Jobsd, device: Device) -
 def test_job_lifecycle(jobsd: Jobsd, device: Device) -> None:
     job = new_job(jobsd, device.thing, {"operation": "test", "n": 1})
     device.sync()
-    outcome, body, _ = device.request("start-next", {"clientToken": "tok-1",
-                                                     "statusDetails": {"step": "download"}})
+    outcome, body, events = device.request("start-next", {"clientToken": "tok-1",
+                                                          "statusDetails": {"step": "download"}})
     assert outcome == "accepted" and body["clientToken"] == "tok-1"
+    assert events + device.sync() == []  # the next job only changed status: no events
     execution = body["execution"]
     assert execution["status"] == "IN_PROGRESS" and execution["versionNumber"] == 2
     assert execution["jobDocument"] == {"operation": "test", "n": 1}

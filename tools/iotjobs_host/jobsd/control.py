@@ -46,10 +46,11 @@ def build_router(service: Service) -> Router:
         status = _status_filter(req, ("IN_PROGRESS", "CANCELED", "COMPLETED",
                                       "DELETION_IN_PROGRESS", "SCHEDULED"))
         selection = req.q_str("targetSelection")
-        if req.q_str("thingGroupName") or req.q_str("thingGroupId"):
-            raise ApiError("InvalidRequestException", 400, "thing groups are not supported yet")
-        return service.list_jobs(status, selection, req.q_int("maxResults"),
-                                 req.q_str("nextToken"))
+        if req.q_str("thingGroupId"):
+            raise ApiError("InvalidRequestException", 400,
+                           "filter by thingGroupName; thingGroupId is not supported by jobsd")
+        return service.list_jobs(status, selection, req.q_str("thingGroupName"),
+                                 req.q_int("maxResults"), req.q_str("nextToken"))
 
     def cancel_job(req: Request) -> dict[str, Any]:
         return service.cancel_job(req.labels["jobId"], req.q_bool("force", False), req.body)
@@ -85,6 +86,36 @@ def build_router(service: Service) -> Router:
         service.delete_job_execution(req.labels["jobId"], req.labels["thingName"], number,
                                      req.q_bool("force", False))
 
+    def create_thing_group(req: Request) -> dict[str, Any]:
+        return service.create_thing_group(req.labels["thingGroupName"], req.body)
+
+    def describe_thing_group(req: Request) -> dict[str, Any]:
+        return service.describe_thing_group(req.labels["thingGroupName"])
+
+    def delete_thing_group(req: Request) -> None:
+        service.delete_thing_group(req.labels["thingGroupName"], req.q_int("expectedVersion"))
+
+    def list_thing_groups(req: Request) -> dict[str, Any]:
+        return service.list_thing_groups(req.q_str("parentGroup"), req.q_str("namePrefixFilter"),
+                                         req.q_bool("recursive", True), req.q_int("maxResults"),
+                                         req.q_str("nextToken"))
+
+    def list_thing_groups_for_thing(req: Request) -> dict[str, Any]:
+        return service.list_thing_groups_for_thing(req.labels["thingName"],
+                                                   req.q_int("maxResults"),
+                                                   req.q_str("nextToken"))
+
+    def add_thing_to_thing_group(req: Request) -> None:
+        service.add_thing_to_thing_group(req.body)
+
+    def remove_thing_from_thing_group(req: Request) -> None:
+        service.remove_thing_from_thing_group(req.body)
+
+    def list_things_in_thing_group(req: Request) -> dict[str, Any]:
+        return service.list_things_in_thing_group(req.labels["thingGroupName"],
+                                                  req.q_bool("recursive", False),
+                                                  req.q_int("maxResults"), req.q_str("nextToken"))
+
     router.add("POST", "/things/{thingName}", create_thing)
     router.add("GET", "/things/{thingName}", describe_thing)
     router.add("GET", "/things", list_things)
@@ -100,4 +131,13 @@ def build_router(service: Service) -> Router:
     router.add("PUT", "/things/{thingName}/jobs/{jobId}/cancel", cancel_job_execution)
     router.add("DELETE", "/things/{thingName}/jobs/{jobId}/executionNumber/{executionNumber}",
                delete_job_execution)
+    # fixed paths before the {thingGroupName} templates they would otherwise match
+    router.add("PUT", "/thing-groups/addThingToThingGroup", add_thing_to_thing_group)
+    router.add("PUT", "/thing-groups/removeThingFromThingGroup", remove_thing_from_thing_group)
+    router.add("POST", "/thing-groups/{thingGroupName}", create_thing_group)
+    router.add("GET", "/thing-groups/{thingGroupName}", describe_thing_group)
+    router.add("DELETE", "/thing-groups/{thingGroupName}", delete_thing_group)
+    router.add("GET", "/thing-groups", list_thing_groups)
+    router.add("GET", "/thing-groups/{thingGroupName}/things", list_things_in_thing_group)
+    router.add("GET", "/things/{thingName}/thing-groups", list_thing_groups_for_thing)
     return router

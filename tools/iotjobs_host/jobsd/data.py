@@ -66,14 +66,16 @@ def build_router(service: Service) -> Router:
         if found is None:
             return {}
         return {"execution": views.device_execution(found[0], found[1] if include else None,
-                                                    as_string=True)}
+                                                    as_string=True,
+                                                    seconds_left=service.seconds_left(found[0]))}
 
     @_rest
     def start_next(req: Request) -> dict[str, Any]:
         started = service.start_next(req.labels["thingName"], parse_start_next(req.body))
         if started is None:
             return {}
-        return {"execution": views.device_execution(started[0], started[1], as_string=True)}
+        return {"execution": views.device_execution(started[0], started[1], as_string=True,
+                                                    seconds_left=service.seconds_left(started[0]))}
 
     @_rest
     def update(req: Request) -> dict[str, Any]:
@@ -89,8 +91,11 @@ def build_router(service: Service) -> Router:
         return out
 
     def start_command_execution(_: Request) -> None:
+        # Until AWS IoT commands land in jobsd: a modelled error shape of this operation, so
+        # boto3 raises a ClientError whose message says what is going on.
         raise ApiError("ValidationException", 400,
-                       "StartCommandExecution is not implemented by jobsd yet")
+                       "StartCommandExecution is not implemented yet: jobsd does not support"
+                       " AWS IoT commands yet")
 
     router.add("GET", "/things/{thingName}/jobs", get_pending)
     router.add("GET", "/things/{thingName}/jobs/{jobId}", describe)

@@ -3,13 +3,16 @@
 Start-up order matters to callers: the store opens first, both HTTP ports listen, then the
 MQTT subscription is acknowledged, and only then is the single `READY control=... data=...`
 line printed. A test or script that waits for that line can use every interface at once.
-SIGTERM and SIGINT stop the servers and the MQTT connection and exit 0.
+The timer thread starts with the servers; executions whose deadline passed while jobsd was
+down time out right then. With `--files DIR` the data listener also serves `/files/...`
+(files.py). SIGTERM and SIGINT stop the servers, the timers and the MQTT connection and exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import signal
 import sqlite3
 import sys
@@ -18,10 +21,12 @@ from typing import Optional
 from collections.abc import Sequence
 
 from . import acl, control, data
+from .files import FileStore
 from .mqtt import MqttBridge
 from .rest import RestServer
 from .service import Service
 from .store import Store
+from .timers import TimerThread
 
 log = logging.getLogger("jobsd")
 
@@ -52,7 +57,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--control", type=_host_port, required=True,
                    help="iot control-plane REST API listen address (port 0: pick one)")
     p.add_argument("--db", required=True, help="SQLite database file (created if missing)")
-    p.add_argument("--files", help="folder of files to serve for OTA (not served yet)")
+    p.add_argument("--files", metavar="DIR",
+                   help="serve DIR on the data listener under /files/ with signed URLs; the "
+                        "S3 object s3://BUCKET/KEY is DIR/BUCKET/KEY (presigned-URL "
+                        "placeholders in job documents, CreateJob documentSource)")
+    p.add_argument("--files-url", metavar="URL",
+                   help="base URL devices use for the file server (default: http://<data>)")
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--account", default="123456789012")
     p.add_argument("--minute-seconds", type=float, default=60.0,
@@ -91,6 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       account=args.account, minute_seconds=args.minute_seconds)
     servers: list[RestServer] = []
     bridge: Optional[MqttBridge] = None
+    timers = TimerThread(service)
     try:
         try:
             control_server = RestServer(args.control, control.build_router(service))
@@ -101,11 +112,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.error("cannot listen: %s", err)
             return 1
         if args.files:
-            log.warning("--files %s: file serving is not implemented yet", args.files)
+            try:
+                secret = store.setting("files-hmac-secret", lambda: secrets.token_hex(32))
+                files = FileStore(args.files, bytes.fromhex(secret),
+                                  args.files_url or f"http://{data_server.address}")
+            except (OSError, ValueError, sqlite3.Error) as err:
+                log.error("cannot serve --files %s: %s", args.files, err)
+                return 1
+            service.files = data_server.files = files
         bridge = MqttBridge(service, *args.broker, client_id=args.client_id)
         service.set_publisher(bridge.publish)
         for server in servers:
             server.start()
+        timers.start()
         bridge.start()
         while not bridge.subscribed.wait(0.2):
             if stop.is_set():
@@ -121,5 +140,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bridge.stop()
         for server in servers:
             server.stop()
+        timers.stop()
         with service.lock:  # between requests, so no transaction is cut in half
             store.close()

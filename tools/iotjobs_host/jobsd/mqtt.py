@@ -5,9 +5,9 @@
 subscribes to `$aws/things/+/jobs/#`, feeds requests to `answer()`, publishes replies and the
 service's events at QoS 1, and reconnects and resubscribes when the broker goes away.
 
-The wildcard subscription also brings back everything jobsd publishes itself (accepted,
-rejected, notify, notify-next); those topics are responses, not requests, and are dropped so
-jobsd never answers its own output.
+The subscription is No Local (MQTT 5), so the broker does not echo jobsd's own replies and
+events; reply and event topics published by anyone else (a device forging `.../accepted`) are
+responses, not requests, and are dropped, so jobsd never answers them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import views
 from .rules import (NEXT, DeviceError, check_client_token, parse_describe, parse_start_next,
@@ -29,6 +30,7 @@ from .service import Service, encode
 log = logging.getLogger("jobsd.mqtt")
 
 SUBSCRIPTION = "$aws/things/+/jobs/#"
+MAX_INFLIGHT = 0  # paho: 0 = no limit (a limit makes every PUBACK scan all in-flight messages)
 
 # Request kinds a topic can name.
 GET_PENDING = "get"
@@ -85,10 +87,8 @@ def answer(service: Service, topic: str, payload: bytes) -> Optional[tuple[str, 
             raise DeviceError("InvalidJson", "Payload is not valid UTF-8 JSON")
         if not isinstance(body, dict):
             raise DeviceError("InvalidRequest", "Payload must be a JSON object")
-        reply = _dispatch(service, kind, thing, job_id, body)
-        if token is not None:
-            reply = {"clientToken": token, **reply}
-        return topic + "/accepted", encode(reply)
+        head: dict[str, Any] = {} if token is None else {"clientToken": token}
+        return topic + "/accepted", _dispatch(service, kind, thing, job_id, body, head)
     except DeviceError as err:
         return topic + "/rejected", encode(_rejection(service, err, token))
     except Exception:  # never let one bad request take the bridge down
@@ -108,36 +108,37 @@ def _rejection(service: Service, err: DeviceError, token: Optional[str]) -> dict
 
 
 def _dispatch(service: Service, kind: str, thing: str, job_id: Optional[str],
-              body: dict[str, Any]) -> dict[str, Any]:
+              body: dict[str, Any], head: dict[str, Any]) -> bytes:
+    """The accepted payload; `head` holds the echoed clientToken (first, as AWS orders it)."""
     if kind == GET_PENDING:
         check_client_token(body)  # GetPendingJobExecutions has no other member
         in_progress, queued = service.get_pending(thing)
-        return {"timestamp": service.now(),
-                "inProgressJobs": [views.summary(ex) for ex in in_progress],
-                "queuedJobs": [views.summary(ex) for ex in queued]}
+        return encode({**head, "timestamp": service.now(),
+                       "inProgressJobs": [views.summary(ex) for ex in in_progress],
+                       "queuedJobs": [views.summary(ex) for ex in queued]})
     if kind == START_NEXT:
         started = service.start_next(thing, parse_start_next(body))
-        out: dict[str, Any] = {"timestamp": service.now()}
-        if started is not None:
-            out["execution"] = views.device_execution(started[0], started[1], as_string=False)
-        return out
+        head["timestamp"] = service.now()
+        if started is None:
+            return encode(head)
+        return views.execution_message(head, started[0], started[1])
     assert job_id is not None
     if kind == DESCRIBE:
         req = parse_describe(body)
         found = service.describe(thing, job_id, req)
-        out = {"timestamp": service.now()}
-        if found is not None:
-            out["execution"] = views.device_execution(
-                found[0], found[1] if req.include_document else None, as_string=False)
-        return out
+        head["timestamp"] = service.now()
+        if found is None:
+            return encode(head)
+        return views.execution_message(head, found[0],
+                                       found[1] if req.include_document else None)
     req_u = parse_update(body)
     ex, document = service.update(thing, job_id, req_u)
-    out = {"timestamp": service.now()}
+    out = {**head, "timestamp": service.now()}
     if req_u.include_state:
         out["executionState"] = views.execution_state(ex)
     if req_u.include_document:
         out["jobDocument"] = views.document_object(document)
-    return out
+    return encode(out)
 
 
 def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
@@ -150,16 +151,25 @@ def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
 
 
 class MqttBridge:
-    """One paho connection carrying requests in and replies and events out."""
+    """One paho connection carrying requests in and replies and events out.
+
+    MQTT 5, so the subscription can set No Local: the broker does not send jobsd's own replies
+    and events back to it (with `#` they would otherwise double its inbound traffic). Publishes
+    are QoS 1 and never waited for; the in-flight window is large so a burst of replies is not
+    held back behind PUBACKs of earlier ones.
+    """
 
     def __init__(self, service: Service, host: str, port: int, client_id: str = "jobsd",
                  keepalive: int = 30) -> None:
         self._service = service
         self._host, self._port, self._keepalive = host, port, keepalive
         self.subscribed = threading.Event()
+        self._stopping = False
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=paho.MQTTv311, clean_session=True)
+                                   protocol=paho.MQTTv5)
         self._client.reconnect_delay_set(min_delay=0.25, max_delay=5)  # type: ignore[arg-type]
+        self._client.max_inflight_messages_set(MAX_INFLIGHT)
+        self._client.max_queued_messages_set(0)  # unbounded while disconnected
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -167,10 +177,12 @@ class MqttBridge:
         self._client.on_socket_open = _no_delay
 
     def start(self) -> None:
-        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive,
+                                   clean_start=True)
         self._client.loop_start()  # its thread retries the first connection and reconnects
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -186,12 +198,15 @@ class MqttBridge:
             log.warning("broker refused the connection: %s", reason)
             return
         log.info("connected to %s:%d, subscribing %s", self._host, self._port, SUBSCRIPTION)
-        client.subscribe(SUBSCRIPTION, qos=1)
+        client.subscribe(SUBSCRIPTION, options=SubscribeOptions(qos=1, noLocal=True))
 
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
                        _props: Any) -> None:
         self.subscribed.clear()
-        log.warning("disconnected from broker: %s", reason)
+        if self._stopping:
+            log.info("disconnected from broker")
+        else:
+            log.warning("disconnected from broker: %s", reason)
 
     def _on_subscribe(self, _client: paho.Client, _userdata: Any, _mid: int, reasons: Any,
                       _props: Any) -> None:

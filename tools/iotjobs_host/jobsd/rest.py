@@ -7,7 +7,9 @@ labels are percent-encoded (`$next` arrives as `%24next`), and an error is signa
 JSON, unknown paths, an exception in a handler) still gets a well-formed error, so an SDK
 always raises a ClientError instead of failing to parse the reply.
 
-HTTP/1.1 with Content-Length on every reply, because boto3 keeps connections alive.
+HTTP/1.1 with Content-Length on every reply, because boto3 keeps connections alive. When a
+FileStore is attached (`--files`, data listener only), GET/HEAD of `/files/...` are answered by
+it instead of the router.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Optional
 from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .files import PREFIX as FILES_PREFIX
+from .files import FileStore
 from .rules import ApiError as RestError
 
 log = logging.getLogger("jobsd.http")
@@ -129,6 +133,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: RestServer
 
     def _serve(self) -> None:
+        files = self.server.files
+        if files is not None and self.path.startswith(FILES_PREFIX) and self.command in (
+                "GET", "HEAD"):
+            if self._discard_body():
+                files.serve(self, head=self.command == "HEAD")
+            return
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -148,9 +158,25 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
+    def _discard_body(self) -> bool:
+        """Read and drop a request body we have no use for; False (connection closed) when it
+        cannot be skipped."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True
+            self.send_error(400, "Content-Length missing or too large")
+            return False
+        if length:
+            self.rfile.read(length)
+        return True
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         log.debug("%s %s", self.server.router.name, format % args)
@@ -161,6 +187,7 @@ class RestServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], router: Router) -> None:
         self.router = router
+        self.files: Optional[FileStore] = None  # the data listener's /files/ (files.py)
         super().__init__(address, _Handler)
         self._thread: Optional[threading.Thread] = None
 

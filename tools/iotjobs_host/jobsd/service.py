@@ -10,6 +10,20 @@ thing's pending set and its "next"; after the change it compares. `notify` goes 
 of pending executions changed, `notify-next` when the identity of the next one changed. A
 status change that keeps membership and next (job1 QUEUED->IN_PROGRESS in the documented
 example) publishes nothing.
+
+Timers (PROTOCOL.md 3.3): the in-progress timer of a job (`timeoutConfig`) starts when an
+execution goes IN_PROGRESS and is fixed from then on; a step timer (`stepTimeoutInMinutes`) is
+set when start-next moves an execution QUEUED->IN_PROGRESS (the same rule as its statusDetails,
+1.5) or by an update, replaces the previous one, is cancelled by -1 and is capped by the
+in-progress deadline. Both are absolute deadlines in the store; `expire_due()` (called by the
+timer thread, timers.py) turns what is due into TIMED_OUT, a service transition that bumps
+versionNumber like cancellation does, with the events it causes.
+
+Thing groups: a job's thing-group targets cover the group's things and those of its
+descendants. SNAPSHOT resolves them at creation. A CONTINUOUS job also queues an execution for a
+thing added later (if it has none of the job yet, or its latest was REMOVED), and a thing that
+leaves the groups so that it is no longer a target gets its QUEUED execution REMOVED. A
+CONTINUOUS job stays IN_PROGRESS when all its executions are terminal (as AWS).
 """
 
 from __future__ import annotations
@@ -24,15 +38,21 @@ from typing import Any, Optional
 from collections.abc import Callable
 
 from . import views
+from .files import PLACEHOLDER, FileStore
 from .rules import (DEVICE_STATUSES, MAX_DESCRIPTION, MAX_DOCUMENT, MAX_PENDING_LISTED,
                     MAX_STEP_MINUTES, NEXT, TERMINAL, ApiError, DeviceError, DescribeRequest,
                     StartNextRequest, UpdateRequest, check_status_details, is_int,
                     valid_job_id, valid_thing_name)
-from .store import Execution, Job, Store, Thing
+from .store import Execution, Job, Store, Thing, ThingGroup
 
 log = logging.getLogger("jobsd.service")
 
 Publish = Callable[[str, bytes], None]
+
+MAX_GROUP_DEPTH = 7          # AWS: a thing-group hierarchy is at most 7 levels deep
+MAX_GROUPS_PER_THING = 10    # AWS: a thing belongs to at most 10 thing groups
+MIN_PRESIGN, MAX_PRESIGN = 60, 3600
+_DOC_CACHE_MAX = 4096
 
 
 def _not_found(message: str) -> ApiError:
@@ -57,36 +77,58 @@ class _Snapshot:
     next_key: Optional[tuple[str, int]]
 
 
+@dataclass
+class _JobDoc:
+    """What delivering an execution needs of its job; immutable after CreateJob."""
+    document: str
+    presign: bool
+    expires_in: int
+    progress_minutes: Optional[int]
+
+
 class _Tracker:
-    """Remembers each touched thing's pending state as it was before the request changed it."""
+    """Remembers each touched thing's pending state as it was before the request changed it,
+    and the earliest timer deadline the request set."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, deliver: Callable[[str], str]) -> None:
         self._store = store
+        self._deliver = deliver
         self._before: dict[str, _Snapshot] = {}
+        self.earliest: Optional[float] = None
 
-    def touch(self, thing: str) -> None:
+    def touch(self, thing: str, pending: Optional[list[Execution]] = None) -> None:
+        """Call before changing the thing's executions; `pending` saves a query when the
+        caller has just read the thing's pending list."""
         if thing not in self._before:
-            self._before[thing] = self._snapshot(self._store.pending_for_thing(thing))
+            keys = (self._store.pending_keys(thing) if pending is None
+                    else [ex.key for ex in pending])
+            self._before[thing] = self._snapshot(keys)
+
+    def deadline(self, when: Optional[float]) -> None:
+        if when is not None and (self.earliest is None or when < self.earliest):
+            self.earliest = when
 
     @staticmethod
-    def _snapshot(pending: list[Execution]) -> _Snapshot:
-        return _Snapshot(frozenset(ex.key for ex in pending), pending[0].key if pending else None)
+    def _snapshot(keys: list[tuple[str, int]]) -> _Snapshot:
+        return _Snapshot(frozenset(keys), keys[0] if keys else None)
 
     def events(self, now: int) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for thing, before in self._before.items():
-            pending = self._store.pending_for_thing(thing)
-            after = self._snapshot(pending)
-            if after.members != before.members:
+            after = self._snapshot(self._store.pending_keys(thing))
+            notify, next_changed = after.members != before.members, after.next_key != before.next_key
+            if not (notify or next_changed):
+                continue
+            pending = self._store.pending_for_thing(thing, MAX_PENDING_LISTED)
+            if notify:
                 out.append((jobs_topic(thing, "notify"),
                             encode(views.notify_payload(pending, now, MAX_PENDING_LISTED))))
-            if after.next_key != before.next_key:
-                body: dict[str, Any] = {"timestamp": now}
+            if next_changed:
                 if pending:
-                    job = self._store.get_job(pending[0].job_id)
-                    body["execution"] = views.device_execution(
-                        pending[0], job.document if job else None, as_string=False)
-                out.append((jobs_topic(thing, "notify-next"), encode(body)))
+                    out.append((jobs_topic(thing, "notify-next"), views.execution_message(
+                        {"timestamp": now}, pending[0], self._deliver(pending[0].job_id))))
+                else:
+                    out.append((jobs_topic(thing, "notify-next"), encode({"timestamp": now})))
         return out
 
 
@@ -103,6 +145,10 @@ class Service:
         self.account = account
         self.minute_seconds = minute_seconds
         self.lock = threading.RLock()  # public so shutdown can wait for the current request
+        self.files: Optional[FileStore] = None  # set by main when --files is given
+        # called (under the lock) with the earliest deadline a request set; timers.py wakes
+        self.on_deadline: Callable[[float], None] = lambda when: None
+        self._docs: dict[str, _JobDoc] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
     def set_publisher(self, publish: Publish) -> None:
@@ -115,7 +161,7 @@ class Service:
 
     def _run(self, fn: Callable[[_Tracker, int], Any]) -> Any:
         with self.lock:
-            tracker = _Tracker(self._store)
+            tracker = _Tracker(self._store, self._deliver)
             now = self.now()
             with self._store.transaction():
                 result = fn(tracker, now)
@@ -125,6 +171,8 @@ class Service:
                     self._publish(topic, payload)
                 except Exception:  # a broker outage must not undo a committed change
                     log.exception("publishing %s failed", topic)
+            if tracker.earliest is not None:
+                self.on_deadline(tracker.earliest)
             return result
 
     def thing_arn(self, name: str) -> str:
@@ -133,23 +181,98 @@ class Service:
     def job_arn(self, job_id: str) -> str:
         return f"arn:aws:iot:{self.region}:{self.account}:job/{job_id}"
 
-    def _document(self, job_id: str) -> str:
-        job = self._store.get_job(job_id)
-        return job.document if job else "{}"
+    def group_arn(self, name: str) -> str:
+        return f"arn:aws:iot:{self.region}:{self.account}:thinggroup/{name}"
+
+    def _job_doc(self, job_id: str) -> _JobDoc:
+        cached = self._docs.get(job_id)
+        if cached is None:
+            row = self._store.job_document(job_id)
+            document, config = row if row is not None else ("{}", "{}")
+            cfg = json.loads(config)
+            cached = _JobDoc(document, PLACEHOLDER in document,
+                             (cfg.get("presignedUrlConfig") or {}).get("expiresInSec",
+                                                                       MAX_PRESIGN),
+                             (cfg.get("timeoutConfig") or {}).get("inProgressTimeoutInMinutes"))
+            if len(self._docs) >= _DOC_CACHE_MAX:
+                self._docs.clear()
+            self._docs[job_id] = cached
+        return cached
+
+    def _deliver(self, job_id: str) -> str:
+        """The job document as a device receives it: presigned-URL placeholders replaced by
+        fresh URLs of the file server (left as they are without --files)."""
+        doc = self._job_doc(job_id)
+        if doc.presign and self.files is not None:
+            return self.files.presign_document(doc.document, doc.expires_in)
+        return doc.document
+
+    def seconds_left(self, ex: Execution) -> Optional[int]:
+        """REST `approximateSecondsBeforeTimedOut`: None when no timer runs."""
+        deadline = ex.timeout_at
+        return None if deadline is None else max(0, round(deadline - self._clock()))
 
     def _refresh_job(self, job_id: str, now: int) -> None:
-        """A SNAPSHOT job completes when every execution is terminal."""
-        job = self._store.get_job(job_id)
-        if job is None or job.status != "IN_PROGRESS" or job.target_selection != "SNAPSHOT":
+        """A SNAPSHOT job completes when every execution is terminal; CONTINUOUS never does."""
+        if not self._store.job_can_complete(job_id):
             return
-        if all(ex.status in TERMINAL for ex in self._store.executions_for_job(job_id)):
-            job.status = "COMPLETED"
-            job.completed_at = now
-            job.last_updated_at = now
-            self._store.save_job(job)
+        job = self._store.get_job(job_id)
+        assert job is not None
+        job.status = "COMPLETED"
+        job.completed_at = now
+        job.last_updated_at = now
+        self._store.save_job(job)
 
-    def _step_deadline(self, minutes: Optional[int], now: int) -> Optional[float]:
-        return None if minutes is None else now + minutes * self.minute_seconds
+    # -- timers --------------------------------------------------------------------------------
+    def _start_execution(self, ex: Execution, now: int, tracker: _Tracker) -> None:
+        """QUEUED -> IN_PROGRESS: startedAt, and the job's in-progress timer starts now."""
+        ex.status = "IN_PROGRESS"
+        ex.started_at = now
+        minutes = self._job_doc(ex.job_id).progress_minutes
+        ex.progress_deadline = (None if minutes is None
+                                else self._clock() + minutes * self.minute_seconds)
+        ex.step_deadline = None
+        tracker.deadline(ex.timeout_at)
+
+    def _set_step_timer(self, ex: Execution, minutes: Optional[int], tracker: _Tracker) -> None:
+        if minutes is None or ex.status != "IN_PROGRESS":
+            return
+        if minutes == -1:
+            ex.step_deadline = None
+        else:
+            deadline = self._clock() + minutes * self.minute_seconds
+            if ex.progress_deadline is not None:
+                deadline = min(deadline, ex.progress_deadline)
+            ex.step_deadline = deadline
+        tracker.deadline(ex.timeout_at)
+
+    @staticmethod
+    def _end_timers(ex: Execution) -> None:
+        ex.step_deadline = None
+        ex.progress_deadline = None
+
+    def next_deadline(self) -> Optional[float]:
+        with self.lock:
+            return self._store.next_deadline()
+
+    def expire_due(self) -> Optional[float]:
+        """Time out every execution whose deadline has passed; return the next deadline."""
+        def op(tracker: _Tracker, now: int) -> Optional[float]:
+            jobs: dict[str, None] = {}
+            for ex in self._store.due_executions(self._clock()):
+                log.info("execution %s #%d on %s timed out", ex.job_id, ex.execution_number,
+                         ex.thing_name)
+                tracker.touch(ex.thing_name)
+                ex.status = "TIMED_OUT"
+                ex.last_updated_at = now
+                ex.version_number += 1
+                self._end_timers(ex)
+                self._store.save_execution(ex)
+                jobs[ex.job_id] = None
+            for job_id in jobs:
+                self._refresh_job(job_id, now)
+            return self._store.next_deadline()
+        return self._run(op)
 
     # -- device API (MQTT and iot-jobs-data) ---------------------------------------------------
     @staticmethod
@@ -161,7 +284,7 @@ class Service:
         self._check_thing(thing)
 
         def op(_: _Tracker, __: int) -> tuple[list[Execution], list[Execution]]:
-            pending = self._store.pending_for_thing(thing)[:MAX_PENDING_LISTED]
+            pending = self._store.pending_for_thing(thing, MAX_PENDING_LISTED)
             return ([ex for ex in pending if ex.status == "IN_PROGRESS"],
                     [ex for ex in pending if ex.status == "QUEUED"])
         return self._run(op)
@@ -170,22 +293,20 @@ class Service:
         self._check_thing(thing)
 
         def op(tracker: _Tracker, now: int) -> Optional[tuple[Execution, str]]:
-            pending = self._store.pending_for_thing(thing)
+            pending = self._store.pending_for_thing(thing, 1)
             if not pending:
                 return None
             ex = pending[0]
             if ex.status == "QUEUED":
                 tracker.touch(thing)
-                ex.status = "IN_PROGRESS"
-                ex.started_at = now
+                self._start_execution(ex, now, tracker)
                 ex.last_updated_at = now
                 ex.version_number += 1
                 if req.status_details is not None:
                     ex.status_details = req.status_details
-                if req.step_timeout is not None:
-                    ex.step_deadline = self._step_deadline(req.step_timeout, now)
+                self._set_step_timer(ex, req.step_timeout, tracker)
                 self._store.save_execution(ex)
-            return ex, self._document(ex.job_id)
+            return ex, self._deliver(ex.job_id)
         return self._run(op)
 
     def describe(self, thing: str, job_id: str,
@@ -197,7 +318,7 @@ class Service:
 
         def op(_: _Tracker, __: int) -> Optional[tuple[Execution, str]]:
             if job_id == NEXT:
-                pending = self._store.pending_for_thing(thing)
+                pending = self._store.pending_for_thing(thing, 1)
                 if not pending:
                     return None
                 ex: Optional[Execution] = pending[0]
@@ -206,7 +327,7 @@ class Service:
             if ex is None:
                 raise DeviceError("ResourceNotFound",
                                   f"Job execution {job_id} not found for thing {thing}")
-            return ex, self._document(ex.job_id)
+            return ex, (self._deliver(ex.job_id) if req.include_document else "")
         return self._run(op)
 
     def update(self, thing: str, job_id: str, req: UpdateRequest) -> tuple[Execution, str]:
@@ -231,30 +352,27 @@ class Service:
                                   f" current version {ex.version_number}", ex)
             tracker.touch(thing)
             if ex.status == "QUEUED" and req.status != "REJECTED":
-                ex.started_at = now
+                self._start_execution(ex, now, tracker)
             ex.status = req.status
             if req.status_details is not None:
                 ex.status_details = req.status_details
             ex.last_updated_at = now
             ex.version_number += 1
-            if req.status in TERMINAL or req.step_timeout == -1:
-                ex.step_deadline = None
-            elif req.step_timeout is not None:
-                ex.step_deadline = self._step_deadline(req.step_timeout, now)
+            if req.status in TERMINAL:
+                self._end_timers(ex)
+            else:
+                self._set_step_timer(ex, req.step_timeout, tracker)
             self._store.save_execution(ex)
-            self._refresh_job(job_id, now)
-            return ex, self._document(job_id)
+            if req.status in TERMINAL:
+                self._refresh_job(job_id, now)
+            return ex, (self._deliver(job_id) if req.include_document else "")
         return self._run(op)
 
     # -- control plane: things -----------------------------------------------------------------
     def create_thing(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         if not valid_thing_name(name):
             raise _invalid("thingName must match [a-zA-Z0-9:_-]{1,128}")
-        payload = body.get("attributePayload") or {}
-        attributes = payload.get("attributes") or {} if isinstance(payload, dict) else None
-        if not isinstance(attributes, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()):
-            raise _invalid("attributePayload.attributes must map strings to strings")
+        attributes = _attributes(body.get("attributePayload"))
         thing_type = body.get("thingTypeName")
         if thing_type is not None and not isinstance(thing_type, str):
             raise _invalid("thingTypeName must be a string")
@@ -290,28 +408,256 @@ class Service:
             return _page(rows, "things", max_results, token)
         return self._run(op)
 
+    # -- control plane: thing groups -----------------------------------------------------------
+    def _group_or_404(self, name: str) -> ThingGroup:
+        group = self._store.get_group(name)
+        if group is None:
+            raise _not_found(f"Thing group {name} cannot be found.")
+        return group
+
+    def _ancestors(self, name: str) -> list[str]:
+        """Parent, grandparent, ... of a group (nearest first)."""
+        out: list[str] = []
+        group = self._store.get_group(name)
+        while group is not None and group.parent is not None and group.parent not in out:
+            out.append(group.parent)
+            group = self._store.get_group(group.parent)
+        return out
+
+    def _subtree(self, name: str) -> list[str]:
+        """The group and all its descendants, breadth first."""
+        out, i = [name], 0
+        while i < len(out):
+            out.extend(c for c in self._store.child_groups(out[i]) if c not in out)
+            i += 1
+        return out
+
+    def _group_things(self, name: str, recursive: bool = True) -> list[str]:
+        groups = self._subtree(name) if recursive else [name]
+        return list(dict.fromkeys(t for g in groups for t in self._store.members(g)))
+
+    def _is_target(self, job_id: str, thing: str) -> bool:
+        """Whether the thing is (still) a target of the job, directly or through a group."""
+        job = self._store.get_job(job_id)
+        if job is None:
+            return False
+        if self.thing_arn(thing) in job.targets:
+            return True
+        targeted = set(self._store.job_groups(job_id))
+        return any(g in targeted or targeted.intersection(self._ancestors(g))
+                   for g in self._store.groups_of_thing(thing))
+
+    def _group_from(self, body: dict[str, Any]) -> str:
+        """The group named by `thingGroupName` or `thingGroupArn` (AddThingToThingGroup)."""
+        name, arn = body.get("thingGroupName"), body.get("thingGroupArn")
+        if arn is not None:
+            prefix = self.group_arn("")
+            if not isinstance(arn, str) or not arn.startswith(prefix):
+                raise _invalid(f"thingGroupArn must look like {prefix}<name>")
+            if name is not None and name != arn[len(prefix):]:
+                raise _invalid("thingGroupName and thingGroupArn name different groups")
+            name = arn[len(prefix):]
+        if not isinstance(name, str) or not valid_thing_name(name):
+            raise _invalid("thingGroupName or thingGroupArn is required")
+        return name
+
+    def _thing_from(self, body: dict[str, Any]) -> str:
+        name, arn = body.get("thingName"), body.get("thingArn")
+        if arn is not None:
+            prefix = self.thing_arn("")
+            if not isinstance(arn, str) or not arn.startswith(prefix):
+                raise _invalid(f"thingArn must look like {prefix}<name>")
+            if name is not None and name != arn[len(prefix):]:
+                raise _invalid("thingName and thingArn name different things")
+            name = arn[len(prefix):]
+        if not isinstance(name, str) or not valid_thing_name(name):
+            raise _invalid("thingName or thingArn is required")
+        return name
+
+    def create_thing_group(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        if not valid_thing_name(name):
+            raise _invalid("thingGroupName must match [a-zA-Z0-9:_-]{1,128}")
+        parent = body.get("parentGroupName")
+        if parent is not None and (not isinstance(parent, str) or not valid_thing_name(parent)):
+            raise _invalid("parentGroupName must match [a-zA-Z0-9:_-]{1,128}")
+        props = body.get("thingGroupProperties") or {}
+        if not isinstance(props, dict):
+            raise _invalid("thingGroupProperties must be an object")
+        description = props.get("thingGroupDescription")
+        if description is not None and (not isinstance(description, str)
+                                        or len(description) > MAX_DESCRIPTION):
+            raise _invalid(f"thingGroupDescription must be at most {MAX_DESCRIPTION} characters")
+        attributes = _attributes(props.get("attributePayload"))
+
+        def op(_: _Tracker, now: int) -> dict[str, Any]:
+            existing = self._store.get_group(name)
+            if existing is not None:
+                if (existing.parent, existing.description, existing.attributes) != (
+                        parent, description, attributes):
+                    raise ApiError("ResourceAlreadyExistsException", 409,
+                                   f"Thing group {name} already exists with different"
+                                   " properties", resourceId=existing.group_id,
+                                   resourceArn=self.group_arn(name))
+                group = existing  # idempotent for an identical request
+            else:
+                if parent is not None:
+                    if self._store.get_group(parent) is None:
+                        raise _invalid(f"Parent thing group {parent} does not exist.")
+                    if len(self._ancestors(parent)) + 2 > MAX_GROUP_DEPTH:
+                        raise _invalid(f"A thing-group hierarchy is at most {MAX_GROUP_DEPTH}"
+                                       " levels deep.")
+                group = ThingGroup(name, str(uuid.uuid4()), parent, description,
+                                   dict(attributes), 1, now)
+                self._store.insert_group(group)
+            return {"thingGroupName": name, "thingGroupArn": self.group_arn(name),
+                    "thingGroupId": group.group_id}
+        return self._run(op)
+
+    def describe_thing_group(self, name: str) -> dict[str, Any]:
+        def op(_: _Tracker, __: int) -> dict[str, Any]:
+            group = self._group_or_404(name)
+            chain = list(reversed(self._ancestors(name)))  # root first
+            return views.group_view(group, self.group_arn(name),
+                                    [(g, self.group_arn(g)) for g in chain])
+        return self._run(op)
+
+    def delete_thing_group(self, name: str, expected_version: Optional[int]) -> None:
+        def op(tracker: _Tracker, now: int) -> None:
+            group = self._store.get_group(name)
+            if group is None:
+                return  # DeleteThingGroup is idempotent
+            if expected_version is not None and expected_version != group.version:
+                raise ApiError("VersionConflictException", 409,
+                               f"expectedVersion {expected_version} does not match"
+                               f" {group.version}.")
+            if self._store.child_groups(name):
+                raise _invalid(f"Thing group {name} has child groups; delete them first.")
+            for thing in self._store.members(name):
+                self._leave_group(name, thing, tracker, now)
+            self._store.delete_group(name)
+        self._run(op)
+
+    def list_thing_groups(self, parent: Optional[str], prefix: Optional[str],
+                          recursive: bool, max_results: Optional[int],
+                          token: Optional[str]) -> dict[str, Any]:
+        def op(_: _Tracker, __: int) -> dict[str, Any]:
+            groups = self._store.list_groups()
+            if parent is not None:
+                self._group_or_404(parent)
+                allowed = set(self._subtree(parent)[1:]) if recursive else {
+                    g.name for g in groups if g.parent == parent}
+                groups = [g for g in groups if g.name in allowed]
+            elif not recursive:
+                groups = [g for g in groups if g.parent is None]
+            if prefix is not None:
+                groups = [g for g in groups if g.name.startswith(prefix)]
+            rows = [{"groupName": g.name, "groupArn": self.group_arn(g.name)} for g in groups]
+            return _page(rows, "thingGroups", max_results, token)
+        return self._run(op)
+
+    def list_thing_groups_for_thing(self, thing: str, max_results: Optional[int],
+                                    token: Optional[str]) -> dict[str, Any]:
+        def op(_: _Tracker, __: int) -> dict[str, Any]:
+            if self._store.get_thing(thing) is None:
+                raise _not_found(f"Thing {thing} cannot be found.")
+            rows = [{"groupName": g, "groupArn": self.group_arn(g)}
+                    for g in self._store.groups_of_thing(thing)]
+            return _page(rows, "thingGroups", max_results, token)
+        return self._run(op)
+
+    def add_thing_to_thing_group(self, body: dict[str, Any]) -> None:
+        group_name, thing = self._group_from(body), self._thing_from(body)
+
+        def op(tracker: _Tracker, now: int) -> None:
+            self._group_or_404(group_name)
+            if self._store.get_thing(thing) is None:
+                raise _not_found(f"Thing {thing} cannot be found.")
+            if self._store.is_member(group_name, thing):
+                return
+            if len(self._store.groups_of_thing(thing)) >= MAX_GROUPS_PER_THING:
+                raise _invalid(f"Thing {thing} already belongs to {MAX_GROUPS_PER_THING}"
+                               " thing groups.")
+            self._store.add_member(group_name, thing)
+            groups = [group_name, *self._ancestors(group_name)]
+            for job_id in self._store.jobs_targeting_groups(groups):
+                latest = self._store.get_execution(job_id, thing)
+                if latest is not None and latest.status != "REMOVED":
+                    continue  # one execution per thing; a REMOVED one is queued afresh
+                tracker.touch(thing)
+                self._store.insert_execution(Execution(
+                    job_id=job_id, thing_name=thing,
+                    execution_number=1 if latest is None else latest.execution_number + 1,
+                    status="QUEUED", queued_at=now, last_updated_at=now, version_number=1))
+        self._run(op)
+
+    def remove_thing_from_thing_group(self, body: dict[str, Any]) -> None:
+        group_name, thing = self._group_from(body), self._thing_from(body)
+
+        def op(tracker: _Tracker, now: int) -> None:
+            self._group_or_404(group_name)
+            if self._store.get_thing(thing) is None:
+                raise _not_found(f"Thing {thing} cannot be found.")
+            self._leave_group(group_name, thing, tracker, now)
+        self._run(op)
+
+    def _leave_group(self, group_name: str, thing: str, tracker: _Tracker, now: int) -> None:
+        """Remove a membership; QUEUED executions of CONTINUOUS jobs the thing is no longer a
+        target of become REMOVED (PROTOCOL.md 3.1)."""
+        if not self._store.remove_member(group_name, thing):
+            return
+        groups = [group_name, *self._ancestors(group_name)]
+        for job_id in self._store.jobs_targeting_groups(groups):
+            latest = self._store.get_execution(job_id, thing)
+            if latest is None or latest.status != "QUEUED" or self._is_target(job_id, thing):
+                continue
+            tracker.touch(thing)
+            latest.status = "REMOVED"
+            latest.last_updated_at = now
+            latest.version_number += 1
+            self._end_timers(latest)
+            self._store.save_execution(latest)
+
+    def list_things_in_thing_group(self, name: str, recursive: bool, max_results: Optional[int],
+                                   token: Optional[str]) -> dict[str, Any]:
+        def op(_: _Tracker, __: int) -> dict[str, Any]:
+            self._group_or_404(name)
+            return _page(self._group_things(name, recursive), "things", max_results, token)
+        return self._run(op)
+
     # -- control plane: jobs -------------------------------------------------------------------
-    def _thing_from_arn(self, arn: Any) -> str:
+    def _target_from_arn(self, arn: Any) -> tuple[str, str]:
+        """("thing" | "thinggroup", name) of a CreateJob target ARN."""
         if not isinstance(arn, str):
             raise _invalid("targets must be a list of ARNs")
         prefix = f"arn:aws:iot:{self.region}:{self.account}:"
-        if ":thinggroup/" in arn:
-            raise _invalid(f"Thing group targets are not supported by jobsd yet: {arn}")
-        if not arn.startswith("arn:aws:iot:") or ":thing/" not in arn:
-            raise _invalid(f"Target {arn} is not a thing ARN")
-        if not arn.startswith(prefix + "thing/"):
-            raise _not_found(f"Target {arn} does not exist in {self.region}/{self.account}")
-        return arn[len(prefix) + len("thing/"):]
+        for kind in ("thing", "thinggroup"):
+            if arn.startswith("arn:aws:iot:") and f":{kind}/" in arn:
+                if not arn.startswith(f"{prefix}{kind}/"):
+                    raise _not_found(f"Target {arn} does not exist in {self.region}/"
+                                     f"{self.account}")
+                name = arn[len(prefix) + len(kind) + 1:]
+                if not valid_thing_name(name):
+                    raise _invalid(f"Target {arn} has an invalid name")
+                return kind, name
+        raise _invalid(f"Target {arn} is not a thing or thing-group ARN")
 
-    def create_job(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        if not valid_job_id(job_id):
-            raise _invalid("jobId must match [a-zA-Z0-9_-]{1,64}")
-        for unsupported in ("documentSource", "jobTemplateArn", "destinationPackageVersions"):
-            if body.get(unsupported) is not None:
-                raise _invalid(f"{unsupported} is not supported by jobsd; send `document`")
-        document = body.get("document")
+    def _document_from(self, body: dict[str, Any]) -> str:
+        document, source = body.get("document"), body.get("documentSource")
+        if source is not None:
+            if document is not None:
+                raise _invalid("Send either document or documentSource, not both")
+            if not isinstance(source, str) or not 1 <= len(source) <= 1350:
+                raise _invalid("documentSource must be a URL of 1..1350 characters")
+            if self.files is None:
+                raise _invalid("documentSource needs jobsd to run with --files")
+            try:
+                return self.files.read_document(source)
+            except ValueError as err:
+                raise _invalid(str(err)) from None
+            except OSError as err:
+                raise _invalid(f"documentSource {source} cannot be read: {err}") from None
         if not isinstance(document, str):
-            raise _invalid("document is required (a JSON object as a string)")
+            raise _invalid("document or documentSource is required (a JSON object)")
         if len(document) > MAX_DOCUMENT:
             raise _invalid(f"document is longer than {MAX_DOCUMENT} characters")
         try:
@@ -320,10 +666,19 @@ class Service:
             raise _invalid("document is not valid JSON") from None
         if not isinstance(parsed, dict):
             raise _invalid("document must be a JSON object")
+        return document
+
+    def create_job(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        if not valid_job_id(job_id):
+            raise _invalid("jobId must match [a-zA-Z0-9_-]{1,64}")
+        for unsupported in ("jobTemplateArn", "destinationPackageVersions"):
+            if body.get(unsupported) is not None:
+                raise _invalid(f"{unsupported} is not supported by jobsd; send `document`")
+        document = self._document_from(body)
         targets = body.get("targets")
         if not isinstance(targets, list) or not targets:
-            raise _invalid("targets must be a non-empty list of thing ARNs")
-        names = list(dict.fromkeys(self._thing_from_arn(arn) for arn in targets))
+            raise _invalid("targets must be a non-empty list of thing or thing-group ARNs")
+        resolved = list(dict.fromkeys(self._target_from_arn(arn) for arn in targets))
         selection = body.get("targetSelection", "SNAPSHOT")
         if selection not in ("SNAPSHOT", "CONTINUOUS"):
             raise _invalid("targetSelection must be SNAPSHOT or CONTINUOUS")
@@ -338,7 +693,19 @@ class Service:
             minutes = timeout.get("inProgressTimeoutInMinutes")
             if minutes is not None and not (is_int(minutes) and 1 <= minutes <= MAX_STEP_MINUTES):
                 raise _invalid(f"inProgressTimeoutInMinutes must be 1..{MAX_STEP_MINUTES}")
-        # Options stored for later issues (timers, rollout, abort, retry) are kept verbatim.
+        presign = body.get("presignedUrlConfig")
+        if presign is not None:
+            if not isinstance(presign, dict):
+                raise _invalid("presignedUrlConfig must be an object")
+            expires = presign.get("expiresInSec")
+            if expires is not None and not (is_int(expires)
+                                            and MIN_PRESIGN <= expires <= MAX_PRESIGN):
+                raise _invalid(f"presignedUrlConfig.expiresInSec must be"
+                               f" {MIN_PRESIGN}..{MAX_PRESIGN}")
+            role = presign.get("roleArn")
+            if role is not None and (not isinstance(role, str) or not 20 <= len(role) <= 2048):
+                raise _invalid("presignedUrlConfig.roleArn must be 20..2048 characters")
+        # Options kept verbatim for DescribeJob (rollout, abort, retry are not acted upon).
         config = {k: body[k] for k in ("timeoutConfig", "presignedUrlConfig",
                                        "jobExecutionsRolloutConfig", "abortConfig",
                                        "jobExecutionsRetryConfig", "schedulingConfig",
@@ -350,19 +717,31 @@ class Service:
                 raise ApiError("ResourceAlreadyExistsException", 409,
                                f"Job {job_id} already exists.", resourceId=job_id,
                                resourceArn=self.job_arn(job_id))
-            for name in names:
-                if self._store.get_thing(name) is None:
-                    raise _not_found(f"Thing {name} cannot be found.")
+            names: list[str] = []
+            for kind, name in resolved:
+                if kind == "thing":
+                    if self._store.get_thing(name) is None:
+                        raise _not_found(f"Thing {name} cannot be found.")
+                    names.append(name)
+                else:
+                    self._group_or_404(name)
+                    names.extend(self._group_things(name))
+            self._docs.pop(job_id, None)
             job = Job(job_id=job_id, seq=self._store.next_counter("job"), document=document,
                       description=description, target_selection=selection,
-                      targets=[self.thing_arn(n) for n in names], status="IN_PROGRESS",
-                      created_at=now, last_updated_at=now, config=config)
+                      targets=[self.thing_arn(n) if k == "thing" else self.group_arn(n)
+                               for k, n in resolved],
+                      status="IN_PROGRESS", created_at=now, last_updated_at=now, config=config)
             self._store.insert_job(job)
-            for name in names:
+            for kind, name in resolved:
+                if kind == "thinggroup":
+                    self._store.add_job_group(job_id, name)
+            for name in dict.fromkeys(names):
                 tracker.touch(name)
                 self._store.insert_execution(Execution(
                     job_id=job_id, thing_name=name, execution_number=1, status="QUEUED",
                     queued_at=now, last_updated_at=now, version_number=1))
+            self._refresh_job(job_id, now)  # a SNAPSHOT of empty groups has nothing to do
             out: dict[str, Any] = {"jobArn": self.job_arn(job_id), "jobId": job_id}
             if description is not None:
                 out["description"] = description
@@ -383,16 +762,19 @@ class Service:
         return self._run(op)
 
     def get_job_document(self, job_id: str) -> dict[str, Any]:
+        """The document as stored: presigned-URL placeholders are not replaced (as AWS)."""
         def op(_: _Tracker, __: int) -> dict[str, Any]:
             return {"document": self._job_or_404(job_id).document}
         return self._run(op)
 
-    def list_jobs(self, status: Optional[str], selection: Optional[str],
+    def list_jobs(self, status: Optional[str], selection: Optional[str], group: Optional[str],
                   max_results: Optional[int], token: Optional[str]) -> dict[str, Any]:
         def op(_: _Tracker, __: int) -> dict[str, Any]:
+            group_arn = None if group is None else self.group_arn(group)
             rows = [views.job_summary(j, self.job_arn(j.job_id)) for j in self._store.list_jobs()
                     if (status is None or j.status == status)
-                    and (selection is None or j.target_selection == selection)]
+                    and (selection is None or j.target_selection == selection)
+                    and (group_arn is None or group_arn in j.targets)]
             return _page(rows, "jobs", max_results, token)
         return self._run(op)
 
@@ -420,7 +802,7 @@ class Service:
                     ex.status = "CANCELED"
                     ex.last_updated_at = now
                     ex.version_number += 1
-                    ex.step_deadline = None
+                    self._end_timers(ex)
                     self._store.save_execution(ex)
             out: dict[str, Any] = {"jobArn": self.job_arn(job_id), "jobId": job_id}
             if job.description is not None:
@@ -441,6 +823,7 @@ class Service:
             for ex in self._store.executions_for_job(job_id):
                 tracker.touch(ex.thing_name)
             self._store.delete_job(job_id)
+            self._docs.pop(job_id, None)
         self._run(op)
 
     # -- control plane: executions -------------------------------------------------------------
@@ -455,7 +838,8 @@ class Service:
                                number: Optional[int]) -> dict[str, Any]:
         def op(_: _Tracker, __: int) -> dict[str, Any]:
             ex = self._execution_or_404(job_id, thing, number)
-            return {"execution": views.control_execution(ex, self.thing_arn(thing))}
+            return {"execution": views.control_execution(ex, self.thing_arn(thing),
+                                                         self.seconds_left(ex))}
         return self._run(op)
 
     def list_executions_for_job(self, job_id: str, status: Optional[str],
@@ -512,7 +896,7 @@ class Service:
                 ex.status_details = details
             ex.last_updated_at = now
             ex.version_number += 1
-            ex.step_deadline = None
+            self._end_timers(ex)
             self._store.save_execution(ex)
             self._refresh_job(job_id, now)
         self._run(op)
@@ -529,7 +913,19 @@ class Service:
         self._run(op)
 
 
-def _page(rows: list[dict[str, Any]], key: str, max_results: Optional[int],
+
+
+def _attributes(payload: Any) -> dict[str, str]:
+    """attributePayload.attributes as a string map (CreateThing, CreateThingGroup)."""
+    payload = payload or {}
+    attributes = payload.get("attributes") or {} if isinstance(payload, dict) else None
+    if not isinstance(attributes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()):
+        raise _invalid("attributePayload.attributes must map strings to strings")
+    return attributes
+
+
+def _page(rows: list[Any], key: str, max_results: Optional[int],
           token: Optional[str]) -> dict[str, Any]:
     """Offset pagination; the token is opaque to clients, an offset to us."""
     try:

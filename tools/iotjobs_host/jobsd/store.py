@@ -5,8 +5,21 @@ Every service request runs inside exactly one `transaction()`: either all of its
 or none do, which is what lets jobsd survive being killed at any instant without leaving a
 half-applied update behind.
 
-The schema carries a `PRAGMA user_version` so later issues can add tables or columns with a
-numbered migration instead of asking users to delete their database.
+The schema carries a `PRAGMA user_version`; `_MIGRATIONS[n]` takes a database from version n to
+n+1, so an existing database is upgraded in place instead of having to be deleted.
+
+Durability choice: WAL journal with `synchronous=NORMAL`. A commit is a write to the WAL file
+without an fsync; the WAL is synced at checkpoints. That survives any crash or kill of the
+jobsd *process* (the OS still holds the written pages), which is the failure this local service
+has to survive; only an OS crash or power loss can lose the last commits, never corrupt the
+database. `synchronous=FULL` would fsync every request and cap the rate at the disk's sync rate.
+Readers never block the single writer in WAL mode, and the one connection is only used under
+the service lock, so concurrent requests from many things are serialised, never interleaved.
+
+Timers are stored as absolute deadlines (epoch seconds, float) so they survive a restart:
+`timeout_at` is the effective deadline of an IN_PROGRESS execution (the step deadline, already
+capped by the in-progress deadline, else the in-progress deadline), NULL otherwise, and a partial
+index over it makes "the next deadline" and "what is due" index lookups.
 """
 
 from __future__ import annotations
@@ -16,11 +29,9 @@ import json
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Optional
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS things (
     name        TEXT PRIMARY KEY,
     thing_id    TEXT NOT NULL,
@@ -67,6 +78,46 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 """
 
+_SCHEMA_V2 = """
+ALTER TABLE executions ADD COLUMN progress_deadline REAL;  -- in-progress timer, absolute
+ALTER TABLE executions ADD COLUMN timeout_at REAL;         -- effective deadline (see docstring)
+CREATE INDEX executions_timeout ON executions (timeout_at) WHERE timeout_at IS NOT NULL;
+-- pending-per-thing (start-next, $next, notify) uses v1's executions_by_thing
+-- (thing_name, status): two index seeks and a sort of one thing's few pending rows
+CREATE INDEX executions_by_job_status ON executions (job_id, status);
+CREATE TABLE settings (
+    name   TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+CREATE TABLE thing_groups (
+    name         TEXT PRIMARY KEY,
+    group_id     TEXT NOT NULL,
+    parent       TEXT,
+    description  TEXT,
+    attributes   TEXT NOT NULL,          -- JSON object
+    version      INTEGER NOT NULL,
+    created_at   REAL NOT NULL
+);
+CREATE TABLE group_members (
+    group_name  TEXT NOT NULL,
+    thing_name  TEXT NOT NULL,
+    seq         INTEGER NOT NULL,        -- order of addition
+    PRIMARY KEY (group_name, thing_name)
+);
+CREATE INDEX group_members_by_thing ON group_members (thing_name);
+CREATE TABLE job_groups (                -- thing-group targets of each job
+    job_id      TEXT NOT NULL,
+    group_name  TEXT NOT NULL,
+    PRIMARY KEY (job_id, group_name)
+);
+CREATE INDEX job_groups_by_group ON job_groups (group_name);
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_PENDING = "status IN ('IN_PROGRESS', 'QUEUED')"
+
 
 @dataclass
 class Thing:
@@ -110,11 +161,31 @@ class Execution:
     step_deadline: Optional[float] = None
     force_canceled: bool = False
     seq: int = 0
+    progress_deadline: Optional[float] = None
 
     @property
     def key(self) -> tuple[str, int]:
         """Identity of an execution on one thing (what notify-next compares)."""
         return (self.job_id, self.execution_number)
+
+    @property
+    def timeout_at(self) -> Optional[float]:
+        """When the service times this execution out; only IN_PROGRESS executions have timers.
+        The step deadline is capped by the in-progress one when it is set (PROTOCOL.md 3.3)."""
+        if self.status != "IN_PROGRESS":
+            return None
+        return self.step_deadline if self.step_deadline is not None else self.progress_deadline
+
+
+@dataclass
+class ThingGroup:
+    name: str
+    group_id: str
+    parent: Optional[str]
+    description: Optional[str]
+    attributes: dict[str, str]
+    version: int
+    created_at: float
 
 
 def _thing(row: sqlite3.Row) -> Thing:
@@ -132,15 +203,24 @@ def _job(row: sqlite3.Row) -> Job:
                config=json.loads(row["config"]))
 
 
-def _execution(row: sqlite3.Row) -> Execution:
-    details = row["status_details"]
-    return Execution(job_id=row["job_id"], thing_name=row["thing_name"],
-                     execution_number=row["execution_number"], status=row["status"],
-                     queued_at=row["queued_at"], last_updated_at=row["last_updated_at"],
-                     version_number=row["version_number"],
-                     status_details=None if details is None else json.loads(details),
-                     started_at=row["started_at"], step_deadline=row["step_deadline"],
-                     force_canceled=bool(row["force_canceled"]), seq=row["seq"])
+# Executions are read often (every device request): explicit columns, positional access.
+_EX_COLS = ("seq, job_id, thing_name, execution_number, status, status_details, queued_at,"
+            " started_at, last_updated_at, version_number, step_deadline, force_canceled,"
+            " progress_deadline")
+_EX_SELECT = f"SELECT {_EX_COLS} FROM executions"
+
+
+def _execution(row: Any) -> Execution:
+    (seq, job_id, thing_name, number, status, details, queued_at, started_at, last_updated_at,
+     version, step_deadline, force_canceled, progress_deadline) = row
+    return Execution(job_id, thing_name, number, status, queued_at, last_updated_at, version,
+                     None if details is None else json.loads(details), started_at,
+                     step_deadline, bool(force_canceled), seq, progress_deadline)
+
+
+def _group(row: sqlite3.Row) -> ThingGroup:
+    return ThingGroup(row["name"], row["group_id"], row["parent"], row["description"],
+                      json.loads(row["attributes"]), row["version"], row["created_at"])
 
 
 class Store:
@@ -150,6 +230,9 @@ class Store:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per request.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
+        # plain tuples for the hot execution queries (results are always read at once)
+        self._plain = self._db.cursor()
+        self._plain.row_factory = None
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a killed process
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -162,9 +245,10 @@ class Store:
             raise RuntimeError(
                 f"database schema {version} is newer than this jobsd ({SCHEMA_VERSION})")
         with self.transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
+            for script in _MIGRATIONS[version:]:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -194,6 +278,17 @@ class Store:
         self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
                          (name, value))
         return value
+
+    # -- settings (per-database values such as the file-signing secret) -------------------------
+    def setting(self, name: str, default: Callable[[], str]) -> str:
+        """The stored value, or `default()` stored now (generated once per database)."""
+        with self.transaction():
+            row = self._db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+            if row is not None:
+                return str(row[0])
+            value = default()
+            self._db.execute("INSERT INTO settings (name, value) VALUES (?, ?)", (name, value))
+            return value
 
     # -- things --------------------------------------------------------------------------------
     def get_thing(self, name: str) -> Optional[Thing]:
@@ -235,6 +330,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         self._db.execute("DELETE FROM executions WHERE job_id=?", (job_id,))
+        self._db.execute("DELETE FROM job_groups WHERE job_id=?", (job_id,))
         self._db.execute("DELETE FROM jobs WHERE job_id=?", (job_id,))
 
     def list_jobs(self) -> list[Job]:
@@ -246,12 +342,12 @@ class Store:
                       execution_number: Optional[int] = None) -> Optional[Execution]:
         """The named execution, or the latest one of the job on the thing."""
         if execution_number is None:
-            row = self._db.execute(
-                "SELECT * FROM executions WHERE job_id=? AND thing_name=?"
+            row = self._plain.execute(
+                _EX_SELECT + " WHERE job_id=? AND thing_name=?"
                 " ORDER BY execution_number DESC LIMIT 1", (job_id, thing_name)).fetchone()
         else:
-            row = self._db.execute(
-                "SELECT * FROM executions WHERE job_id=? AND thing_name=? AND execution_number=?",
+            row = self._plain.execute(
+                _EX_SELECT + " WHERE job_id=? AND thing_name=? AND execution_number=?",
                 (job_id, thing_name, execution_number)).fetchone()
         return None if row is None else _execution(row)
 
@@ -259,37 +355,142 @@ class Store:
         cur = self._db.execute(
             "INSERT INTO executions (job_id, thing_name, execution_number, status, status_details,"
             " queued_at, started_at, last_updated_at, version_number, step_deadline,"
-            " force_canceled)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " force_canceled, progress_deadline, timeout_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ex.job_id, ex.thing_name, ex.execution_number, ex.status,
              None if ex.status_details is None else json.dumps(ex.status_details),
              ex.queued_at, ex.started_at, ex.last_updated_at, ex.version_number,
-             ex.step_deadline, int(ex.force_canceled)))
+             ex.step_deadline, int(ex.force_canceled), ex.progress_deadline, ex.timeout_at))
         ex.seq = int(cur.lastrowid or 0)
         return ex
 
     def save_execution(self, ex: Execution) -> None:
         self._db.execute(
             "UPDATE executions SET status=?, status_details=?, started_at=?, last_updated_at=?,"
-            " version_number=?, step_deadline=?, force_canceled=? WHERE seq=?",
+            " version_number=?, step_deadline=?, force_canceled=?, progress_deadline=?,"
+            " timeout_at=? WHERE seq=?",
             (ex.status, None if ex.status_details is None else json.dumps(ex.status_details),
              ex.started_at, ex.last_updated_at, ex.version_number, ex.step_deadline,
-             int(ex.force_canceled), ex.seq))
+             int(ex.force_canceled), ex.progress_deadline, ex.timeout_at, ex.seq))
 
     def delete_execution(self, ex: Execution) -> None:
         self._db.execute("DELETE FROM executions WHERE seq=?", (ex.seq,))
 
     def executions_for_job(self, job_id: str) -> list[Execution]:
-        return [_execution(r) for r in self._db.execute(
-            "SELECT * FROM executions WHERE job_id=? ORDER BY seq", (job_id,))]
+        return [_execution(r) for r in self._plain.execute(
+            _EX_SELECT + " WHERE job_id=? ORDER BY seq", (job_id,))]
 
     def executions_for_thing(self, thing_name: str) -> list[Execution]:
         """All executions on a thing, newest first (ListJobExecutionsForThing order)."""
-        return [_execution(r) for r in self._db.execute(
-            "SELECT * FROM executions WHERE thing_name=? ORDER BY seq DESC", (thing_name,))]
+        return [_execution(r) for r in self._plain.execute(
+            _EX_SELECT + " WHERE thing_name=? ORDER BY seq DESC", (thing_name,))]
 
-    def pending_for_thing(self, thing_name: str) -> list[Execution]:
-        """Non-terminal executions, IN_PROGRESS first, each group in queue order (section 5)."""
-        return [_execution(r) for r in self._db.execute(
-            "SELECT * FROM executions WHERE thing_name=? AND status IN ('IN_PROGRESS', 'QUEUED')"
-            " ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, seq", (thing_name,))]
+    def pending_for_thing(self, thing_name: str, limit: int = -1) -> list[Execution]:
+        """Non-terminal executions, IN_PROGRESS first, each group in queue order (section 5);
+        the first `limit` of them when it is not -1."""
+        return [_execution(r) for r in self._plain.execute(
+            _EX_SELECT + f" WHERE thing_name=? AND {_PENDING}"
+            " ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, seq LIMIT ?",
+            (thing_name, limit))]
+
+    def pending_keys(self, thing_name: str) -> list[tuple[str, int]]:
+        """(job id, execution number) of `pending_for_thing`, in the same order, cheaply."""
+        return self._plain.execute(
+            f"SELECT job_id, execution_number FROM executions WHERE thing_name=? AND {_PENDING}"
+            " ORDER BY CASE status WHEN 'IN_PROGRESS' THEN 0 ELSE 1 END, seq",
+            (thing_name,)).fetchall()
+
+    def job_can_complete(self, job_id: str) -> bool:
+        """An IN_PROGRESS SNAPSHOT job none of whose executions is pending."""
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE job_id=? AND status='IN_PROGRESS'"
+            " AND target_selection='SNAPSHOT' AND NOT EXISTS (SELECT 1 FROM executions"
+            " WHERE job_id=? AND status IN ('QUEUED', 'IN_PROGRESS'))",
+            (job_id, job_id)).fetchone()
+        return row is not None
+
+    def job_document(self, job_id: str) -> Optional[tuple[str, str]]:
+        """(document, config JSON): what delivering a document needs, nothing more."""
+        row = self._db.execute("SELECT document, config FROM jobs WHERE job_id=?",
+                               (job_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    # -- timers --------------------------------------------------------------------------------
+    def next_deadline(self) -> Optional[float]:
+        row = self._db.execute(
+            "SELECT MIN(timeout_at) FROM executions WHERE timeout_at IS NOT NULL").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def due_executions(self, now: float) -> list[Execution]:
+        return [_execution(r) for r in self._plain.execute(
+            _EX_SELECT + " WHERE timeout_at IS NOT NULL AND timeout_at <= ?"
+            " ORDER BY timeout_at, seq", (now,))]
+
+    # -- thing groups --------------------------------------------------------------------------
+    def get_group(self, name: str) -> Optional[ThingGroup]:
+        row = self._db.execute("SELECT * FROM thing_groups WHERE name=?", (name,)).fetchone()
+        return None if row is None else _group(row)
+
+    def insert_group(self, group: ThingGroup) -> None:
+        self._db.execute(
+            "INSERT INTO thing_groups (name, group_id, parent, description, attributes, version,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (group.name, group.group_id, group.parent, group.description,
+             json.dumps(group.attributes), group.version, group.created_at))
+
+    def delete_group(self, name: str) -> None:
+        self._db.execute("DELETE FROM group_members WHERE group_name=?", (name,))
+        self._db.execute("DELETE FROM job_groups WHERE group_name=?", (name,))
+        self._db.execute("DELETE FROM thing_groups WHERE name=?", (name,))
+
+    def child_groups(self, name: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT name FROM thing_groups WHERE parent=? ORDER BY name", (name,))]
+
+    def list_groups(self) -> list[ThingGroup]:
+        return [_group(r) for r in self._db.execute("SELECT * FROM thing_groups ORDER BY name")]
+
+    def add_member(self, group: str, thing: str) -> bool:
+        """False when the thing already was a member."""
+        if self.is_member(group, thing):
+            return False
+        self._db.execute(
+            "INSERT INTO group_members (group_name, thing_name, seq) VALUES (?, ?, ?)",
+            (group, thing, self.next_counter("member")))
+        return True
+
+    def remove_member(self, group: str, thing: str) -> bool:
+        cur = self._db.execute("DELETE FROM group_members WHERE group_name=? AND thing_name=?",
+                               (group, thing))
+        return cur.rowcount > 0
+
+    def is_member(self, group: str, thing: str) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM group_members WHERE group_name=? AND thing_name=?",
+            (group, thing)).fetchone() is not None
+
+    def members(self, group: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT thing_name FROM group_members WHERE group_name=? ORDER BY seq", (group,))]
+
+    def groups_of_thing(self, thing: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT group_name FROM group_members WHERE thing_name=? ORDER BY seq", (thing,))]
+
+    def add_job_group(self, job_id: str, group: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO job_groups (job_id, group_name) VALUES (?, ?)",
+                         (job_id, group))
+
+    def jobs_targeting_groups(self, groups: list[str]) -> list[str]:
+        """Ids of IN_PROGRESS CONTINUOUS jobs that target any of `groups`, in creation order."""
+        if not groups:
+            return []
+        marks = ",".join("?" * len(groups))
+        return [r[0] for r in self._db.execute(
+            "SELECT DISTINCT j.job_id FROM job_groups g JOIN jobs j ON j.job_id = g.job_id"
+            f" WHERE g.group_name IN ({marks}) AND j.target_selection='CONTINUOUS'"
+            " AND j.status='IN_PROGRESS' ORDER BY j.seq", groups)]
+
+    def job_groups(self, job_id: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT group_name FROM job_groups WHERE job_id=?", (job_id,))]

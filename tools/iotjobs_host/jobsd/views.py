@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from .store import Execution, Job, Thing
+from .store import Execution, Job, Thing, ThingGroup
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def document_object(document: str) -> Any:
@@ -38,8 +42,10 @@ def execution_state(ex: Execution) -> dict[str, Any]:
     return out
 
 
-def device_execution(ex: Execution, document: Optional[str], as_string: bool) -> dict[str, Any]:
-    """JobExecution of the device APIs; `as_string` selects the REST spelling of jobDocument."""
+def device_execution(ex: Execution, document: Optional[str], as_string: bool,
+                     seconds_left: Optional[int] = None) -> dict[str, Any]:
+    """JobExecution of the device APIs; `as_string` selects the REST spelling of jobDocument,
+    `seconds_left` is the REST-only approximateSecondsBeforeTimedOut (PROTOCOL.md 1.3)."""
     out: dict[str, Any] = {"jobId": ex.job_id, "thingName": ex.thing_name, "status": ex.status}
     if ex.status_details is not None:
         out["statusDetails"] = ex.status_details
@@ -47,11 +53,23 @@ def device_execution(ex: Execution, document: Optional[str], as_string: bool) ->
     if ex.started_at is not None:
         out["startedAt"] = ex.started_at
     out["lastUpdatedAt"] = ex.last_updated_at
+    if seconds_left is not None:
+        out["approximateSecondsBeforeTimedOut"] = seconds_left
     out["versionNumber"] = ex.version_number
     out["executionNumber"] = ex.execution_number
     if document is not None:
         out["jobDocument"] = document if as_string else document_object(document)
     return out
+
+
+def execution_message(head: dict[str, Any], ex: Execution, document: Optional[str]) -> bytes:
+    """An MQTT payload: `head` plus `execution` (JobExecution), encoded. The job document is
+    spliced in as the stored JSON text (validated as an object at CreateJob) rather than decoded
+    and re-encoded for every delivery; it is the last member of both objects."""
+    data = _encode({**head, "execution": device_execution(ex, None, as_string=False)})
+    if document is None:
+        return data
+    return b"".join((data[:-2], b',"jobDocument":', document.encode(), b"}}"))
 
 
 def notify_payload(pending: list[Execution], timestamp: int, limit: int) -> dict[str, Any]:
@@ -82,7 +100,8 @@ def control_execution_summary(ex: Execution) -> dict[str, Any]:
     return out
 
 
-def control_execution(ex: Execution, thing_arn: str) -> dict[str, Any]:
+def control_execution(ex: Execution, thing_arn: str,
+                      seconds_left: Optional[int] = None) -> dict[str, Any]:
     out: dict[str, Any] = {"jobId": ex.job_id, "status": ex.status,
                            "forceCanceled": ex.force_canceled, "thingArn": thing_arn,
                            "statusDetails": {"detailsMap": ex.status_details or {}},
@@ -92,7 +111,25 @@ def control_execution(ex: Execution, thing_arn: str) -> dict[str, Any]:
     out["lastUpdatedAt"] = ex.last_updated_at
     out["executionNumber"] = ex.execution_number
     out["versionNumber"] = ex.version_number
+    if seconds_left is not None:
+        out["approximateSecondsBeforeTimedOut"] = seconds_left
     return out
+
+
+def group_view(group: ThingGroup, arn: str, root_to_parent: list[tuple[str, str]]
+               ) -> dict[str, Any]:
+    """DescribeThingGroup; `root_to_parent` lists (name, ARN) of the ancestors, root first."""
+    props: dict[str, Any] = {"attributePayload": {"attributes": group.attributes}}
+    if group.description is not None:
+        props["thingGroupDescription"] = group.description
+    meta: dict[str, Any] = {"creationDate": group.created_at}
+    if group.parent is not None:
+        meta["parentGroupName"] = group.parent
+        meta["rootToParentThingGroups"] = [{"groupName": n, "groupArn": a}
+                                           for n, a in root_to_parent]
+    return {"thingGroupName": group.name, "thingGroupId": group.group_id,
+            "thingGroupArn": arn, "version": group.version,
+            "thingGroupProperties": props, "thingGroupMetadata": meta}
 
 
 _COUNT_NAMES = {
