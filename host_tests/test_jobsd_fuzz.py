@@ -13,8 +13,8 @@ Oracles come from PROTOCOL.md, not from jobsd's code:
 * Afterwards the process is alive, logged no traceback, and a job created before the fuzz still
   runs to completion.
 
-Inputs that currently break jobsd are kept out of the random mix and pinned, one bug each, in the
-strict-xfail tests at the end of this module.
+Inputs that once broke jobsd are kept out of the random mix and pinned, one bug each, in the
+tests at the end of this module.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def rand_field(rng: random.Random, name: str, big_ints: bool = True, clean: bool
             and rng.random() < 0.5:
         return rng.choice([0, -1, 10081, "1", "x", 1.0, True])
     # executionNumber beyond a long is pinned in test_execution_number_out_of_range
-    return rand_value(rng, big_ints=big_ints and name != "executionNumber")
+    return rand_value(rng, big_ints=big_ints)
 
 
 def rand_token(rng: random.Random, i: int) -> str:
@@ -311,7 +311,7 @@ def rest_field(rng: random.Random, name: str, clean: bool) -> Any:
     if name == "attributePayload" and rng.random() < 0.6:
         return {"attributes": rng.choice([{"a": "b"}, {"a": 1}, "x", None, {}]),
                 "merge": rng.choice([True, "no"])}
-    value = rand_field(rng, name, big_ints=name != "executionNumber", clean=clean)
+    value = rand_field(rng, name, big_ints=True, clean=clean)
     if isinstance(value, str) and "\ud800" in value:
         value = "ok"
     return value
@@ -589,10 +589,8 @@ def check_reply(topic: str, payload: Optional[bytes], outcome: str, body: dict[s
             assert code in ("InvalidJson", "InvalidRequest"), what
 
 
-# -- inputs that break jobsd today (kept out of the random mix above) -------------------------------
+# -- inputs that once broke jobsd (pinned here, outside the random mix above) -------------------------------
 
-@pytest.mark.xfail(strict=True, reason="jobsd bug: executionNumber beyond a 64-bit long reaches "
-                   "SQLite (OverflowError) -> MQTT InternalError / HTTP 500")
 def test_execution_number_out_of_range(mosquitto: Any, jobsd: Any) -> None:
     jobsd.iot.create_thing(thingName="fz-a")
     jobsd.iot.create_job(jobId="fz-j1", targets=[arn("fz-a")], document="{}")
@@ -619,8 +617,6 @@ def test_execution_number_out_of_range(mosquitto: Any, jobsd: Any) -> None:
         assert status in (400, 404), (path, status, data)
 
 
-@pytest.mark.xfail(strict=True, reason="jobsd bug: deeply nested JSON raises RecursionError in "
-                   "json.loads -> MQTT InternalError / HTTP 500 instead of InvalidJson / 400")
 def test_deeply_nested_json(mosquitto: Any, jobsd: Any) -> None:
     jobsd.iot.create_thing(thingName="fz-a")
     jobsd.iot.create_job(jobId="fz-j1", targets=[arn("fz-a")], document="{}")
@@ -643,9 +639,6 @@ def test_deeply_nested_json(mosquitto: Any, jobsd: Any) -> None:
         assert status == 400
 
 
-@pytest.mark.xfail(strict=True, reason="jobsd bug: a lone UTF-16 surrogate (valid JSON "
-                   "\\ud800) in CreateJob description, CreateThing thingTypeName or CancelJob "
-                   "reasonCode/comment reaches SQLite (UnicodeEncodeError) -> HTTP 500")
 def test_lone_surrogate_in_control_plane_strings(jobsd: Any) -> None:
     jobsd.iot.create_thing(thingName="fz-a")
     jobsd.iot.create_job(jobId="fz-j1", targets=[arn("fz-a")], document="{}")
@@ -664,9 +657,6 @@ def test_lone_surrogate_in_control_plane_strings(jobsd: Any) -> None:
         assert status == 400 and headers["x-amzn-errortype"] == "InvalidRequestException"
 
 
-@pytest.mark.xfail(strict=True, reason="jobsd bug: HTTP errors raised before routing (unsupported "
-                   "method, over-long URI, malformed request line) are stdlib HTML pages, not "
-                   "restJson1 errors with x-amzn-ErrorType")
 def test_http_errors_outside_routing_are_restjson(jobsd: Any) -> None:
     for url in (jobsd.data_url, jobsd.control_url):
         for method in ("OPTIONS", "TRACE", "FOO"):

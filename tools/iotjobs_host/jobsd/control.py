@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .rest import Request, Router
-from .rules import ALL_STATUSES, ApiError
+from .rules import ALL_STATUSES, ApiError, parse_long
 from .service import Service
 
 
@@ -79,7 +79,7 @@ def build_router(service: Service) -> Router:
 
     def delete_job_execution(req: Request) -> None:
         try:
-            number = int(req.labels["executionNumber"])
+            number = parse_long(req.labels["executionNumber"])
         except ValueError:
             raise ApiError("InvalidRequestException", 400,
                            "executionNumber must be an integer") from None

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -38,6 +37,8 @@ from http.server import BaseHTTPRequestHandler
 from typing import Optional
 from collections.abc import Callable
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from .rules import parse_json
 
 log = logging.getLogger("jobsd.files")
 
@@ -149,7 +150,7 @@ class FileStore:
             raise ValueError(f"documentSource {url} is larger than {MAX_DOCUMENT} bytes")
         try:
             text = data.decode("utf-8")
-            parsed = json.loads(text)
+            parsed = parse_json(text)
         except ValueError:
             raise ValueError(f"documentSource {url} is not UTF-8 JSON") from None
         if not isinstance(parsed, dict):

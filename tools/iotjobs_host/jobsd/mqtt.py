@@ -12,7 +12,6 @@ responses, not requests, and are dropped, so jobsd never answers them.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
@@ -23,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import views
-from .rules import (NEXT, DeviceError, check_client_token, parse_describe, parse_start_next,
+from .rules import (NEXT, DeviceError, check_client_token, parse_json, parse_describe, parse_start_next,
                     parse_update, valid_job_id, valid_thing_name)
 from .service import Service, encode
 
@@ -76,7 +75,7 @@ def answer(service: Service, topic: str, payload: bytes) -> Optional[tuple[str, 
     token: Optional[str] = None
     try:
         try:
-            body: Any = json.loads(payload.decode("utf-8"))
+            body: Any = parse_json(payload, surrogates=True)
         except ValueError:  # UnicodeDecodeError is a ValueError
             body = None
         if isinstance(body, dict) and isinstance(body.get("clientToken"), str):

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from .files import PREFIX as FILES_PREFIX
 from .files import FileStore
 from .rules import ApiError as RestError
+from .rules import parse_json, parse_long
 
 log = logging.getLogger("jobsd.http")
 
@@ -48,9 +49,10 @@ class Request:
         if value is None:
             return None
         try:
-            return int(value)
+            return parse_long(value)
         except ValueError:
-            raise RestError("InvalidRequestException", 400, f"{name} must be an integer") from None
+            raise RestError("InvalidRequestException", 400,
+                            f"{name} must be a 64-bit integer") from None
 
     def q_bool(self, name: str, default: bool) -> bool:
         value = self.query.get(name)
@@ -107,7 +109,7 @@ class Router:
             body: Any = {}
             if raw_body.strip():
                 try:
-                    body = json.loads(raw_body.decode("utf-8"))
+                    body = parse_json(raw_body)
                 except ValueError:
                     raise RestError("InvalidRequestException", 400,
                                     "Request body is not valid UTF-8 JSON") from None
@@ -177,6 +179,29 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
+
+    # http.server answers some requests before any do_* method runs (malformed request line,
+    # URI or headers too long, a method with no do_*): answer those as restJson1 errors too.
+    _EARLY = {501: (404, "UnknownOperationException")}
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        status, kind = self._EARLY.get(code, (400, "InvalidRequestException"))
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # else http.server writes no status line or headers
+        text = message or explain or "Bad request"
+        if code == 501:
+            text = f"No operation for method {self.command!r}"
+        data = json.dumps({"message": text}).encode()
+        self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        self.send_header("x-amzn-ErrorType", kind)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD":
+            self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         log.debug("%s %s", self.server.router.name, format % args)

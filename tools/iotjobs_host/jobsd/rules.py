@@ -8,6 +8,7 @@ an exception that could reach the transport.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -69,9 +70,56 @@ def valid_job_id(job_id: str) -> bool:
     return bool(_JOB_RE.fullmatch(job_id))
 
 
+MIN_LONG, MAX_LONG = -(2**63), 2**63 - 1  # the models' `long`
+
+
 def is_int(value: Any) -> bool:
-    """JSON integers only: bool is an int subclass in Python but never a number on the wire."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """JSON integers that fit the models' `long` (bool is an int in Python, never on the wire)."""
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_LONG <= value <= MAX_LONG
+
+
+def parse_long(text: str) -> int:
+    """A `long` from a query string or path label; ValueError outside the 64-bit range."""
+    value = int(text)
+    if not MIN_LONG <= value <= MAX_LONG:
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def parse_json(data: bytes | str, surrogates: bool = False) -> Any:
+    """json.loads that fails with ValueError for every unusable input: not UTF-8, not JSON,
+    nested deeper than the parser's recursion limit, or (unless `surrogates`) holding a lone
+    UTF-16 surrogate: valid JSON text, but no UTF-8 store, log or device can carry it. The MQTT
+    requests allow them: nothing of theirs is stored unvalidated, and a clientToken holding one
+    is still echoed (escaped)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON is nested too deeply") from None
+    if not surrogates and _SURROGATE_ESCAPE.search(text) and not _utf8_clean(value):
+        raise ValueError("JSON string holds a lone surrogate")
+    return value
+
+
+def _utf8_clean(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return True
 
 
 def check_status_details(value: Any) -> dict[str, str]:

@@ -42,7 +42,7 @@ from .files import PLACEHOLDER, FileStore
 from .rules import (DEVICE_STATUSES, MAX_DESCRIPTION, MAX_DOCUMENT, MAX_PENDING_LISTED,
                     MAX_STEP_MINUTES, NEXT, TERMINAL, ApiError, DeviceError, DescribeRequest,
                     StartNextRequest, UpdateRequest, check_status_details, is_int,
-                    valid_job_id, valid_thing_name)
+                    parse_json, valid_job_id, valid_thing_name)
 from .store import Execution, Job, Store, Thing, ThingGroup
 
 log = logging.getLogger("jobsd.service")
@@ -661,9 +661,9 @@ class Service:
         if len(document) > MAX_DOCUMENT:
             raise _invalid(f"document is longer than {MAX_DOCUMENT} characters")
         try:
-            parsed = json.loads(document)
-        except ValueError:
-            raise _invalid("document is not valid JSON") from None
+            parsed = parse_json(document)
+        except ValueError as e:
+            raise _invalid(f"document is not valid JSON: {e}") from None
         if not isinstance(parsed, dict):
             raise _invalid("document must be a JSON object")
         return document
