@@ -32,7 +32,6 @@ from collections import Counter
 from typing import Any, Optional
 
 import paho.mqtt.client as paho
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 # fixed by default (deterministic); JOBSD_FUZZ_SEED=<n> explores other sequences
@@ -178,7 +177,6 @@ def rand_field(rng: random.Random, name: str, big_ints: bool = True, clean: bool
     if name in ("executionNumber", "expectedVersion", "stepTimeoutInMinutes") \
             and rng.random() < 0.5:
         return rng.choice([0, -1, 10081, "1", "x", 1.0, True])
-    # executionNumber beyond a long is pinned in test_execution_number_out_of_range
     return rand_value(rng, big_ints=big_ints)
 
 
