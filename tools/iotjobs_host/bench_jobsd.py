@@ -3,13 +3,13 @@
 Each simulated thing loops start-next -> update SUCCEEDED -> start-next ... until nothing is
 pending, as a device does. Reported: executions per second (first request to last reply), p50
 and p99 of the start-next and update round trips under that load, and as the floor the round
-trip of the same kind of request through the same mosquitto to a trivial echo responder in
-another process (what the broker and paho cost, with no jobs service behind them)."""
+trip of the same requests through mosquitto to a trivial responder in another process that
+answers like jobsd but keeps nothing (what the broker and paho cost, with no jobs service behind
+them): unloaded (one request at a time) and loaded (the same fleet, the same concurrency)."""
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -20,11 +20,27 @@ import paho.mqtt.client as mqtt
 from . import stack
 
 ECHO = r"""
-import sys, paho.mqtt.client as mqtt
+import json, sys, paho.mqtt.client as mqtt
+left = {}
+def on_message(c, u, m):
+    parts = m.topic.split("/")
+    if parts[-1] == "req":
+        c.publish(m.topic[:-3] + "accepted", m.payload, qos=1)
+    elif parts[4] == "start-next":
+        n = left.setdefault(parts[2], int(sys.argv[2]))
+        body = {"clientToken": "s", "timestamp": 1}
+        if n:
+            left[parts[2]] = n - 1
+            body["execution"] = {"jobId": "noop-%d" % n, "status": "IN_PROGRESS"}
+        c.publish(m.topic + "/accepted", json.dumps(body), qos=1)
+    else:
+        c.publish(m.topic + "/accepted", b'{"clientToken":"u","timestamp":1}', qos=1)
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="echo")
-c.on_connect = lambda c, u, f, rc, p: c.subscribe("echo/+/req", 1)
+c.max_inflight_messages_set(0)
+c.on_connect = lambda c, u, f, rc, p: c.subscribe([("echo/+/req", 1),
+    ("$aws/things/+/jobs/start-next", 1), ("$aws/things/+/jobs/+/update", 1)])
 c.on_subscribe = lambda *a: print("READY", flush=True)
-c.on_message = lambda c, u, m: c.publish(m.topic[:-3] + "accepted", m.payload, qos=1)
+c.on_message = on_message
 c.connect("127.0.0.1", int(sys.argv[1]))
 c.loop_forever()
 """
@@ -122,33 +138,53 @@ class Fleet:
             c.loop_stop()
 
 
+def echo_responder(port: int, jobs: int) -> subprocess.Popen:
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(port), str(jobs)],
+                            stdout=subprocess.PIPE, text=True)
+    assert echo.stdout is not None and echo.stdout.readline().startswith("READY")
+    return echo
+
+
 def floor_rtt(port: int, n: int = 2000) -> list[float]:
-    """Sequential request/reply round trips through mosquitto to an echo process."""
-    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(port)], stdout=subprocess.PIPE, text=True)
+    """Sequential request/reply round trips through mosquitto to the echo responder."""
+    c = _client("floor", port)
+    got = threading.Event()
+    c.on_message = lambda *a: got.set()
+    sub = threading.Event()
+    c.on_subscribe = lambda *a: sub.set()
+    c.loop_start()
+    c.subscribe("echo/x/accepted", 1)
+    assert sub.wait(10)
+    out = []
+    for _ in range(n):
+        got.clear()
+        t = time.perf_counter()
+        c.publish("echo/x/req", b'{"clientToken":"f"}', qos=1)
+        if not got.wait(5):
+            raise TimeoutError("echo did not answer")
+        out.append(time.perf_counter() - t)
+    c.disconnect()
+    c.loop_stop()
+    return out
+
+
+def floor(work: str, pki, names: list[str], jobs: int, connections: int) -> dict:
+    """The floor: the same measurements against the echo responder, on a broker of its own."""
+    mosq = stack.Mosquitto(os.path.join(work, "floor-mosquitto"), pki)
+    echo = echo_responder(mosq.port, jobs)
+    fleet = None
     try:
-        assert echo.stdout is not None and echo.stdout.readline().startswith("READY")
-        c = _client("floor", port)
-        got = threading.Event()
-        c.on_message = lambda *a: got.set()
-        sub = threading.Event()
-        c.on_subscribe = lambda *a: sub.set()
-        c.loop_start()
-        c.subscribe("echo/x/accepted", 1)
-        assert sub.wait(10)
-        out = []
-        for _ in range(n):
-            got.clear()
-            t = time.perf_counter()
-            c.publish("echo/x/req", b'{"clientToken":"f"}', qos=1)
-            if not got.wait(5):
-                raise TimeoutError("echo did not answer")
-            out.append(time.perf_counter() - t)
-        c.disconnect()
-        c.loop_stop()
-        return out
+        seq = floor_rtt(mosq.port)
+        fleet = Fleet(mosq.port, names, connections)
+        wall = fleet.run()
+        return {"seq": seq, "wall": wall, "start": fleet.start_rtt, "update": fleet.update_rtt,
+                "executions": fleet.done}
     finally:
+        if fleet:
+            fleet.stop()
         echo.terminate()
         echo.wait(10)
+        mosq.stop()
 
 
 def sequential_jobsd_rtt(port: int, iot, n: int = 500) -> list[float]:
@@ -176,24 +212,26 @@ def sequential_jobsd_rtt(port: int, iot, n: int = 500) -> list[float]:
 
 
 def run(work: str, pki, things: int = 200, jobs: int = 5, connections: int = 20) -> dict:
+    names = [f"t{i:03d}" for i in range(things)]
+    fl = floor(work, pki, names, jobs, connections)
     mosq = stack.Mosquitto(os.path.join(work, "mosquitto"), pki)
     jobsd = stack.Jobsd(os.path.join(work, "jobsd"), mosq.broker, extra=["--log-level", "WARNING"])
     fleet = None
     try:
         iot = jobsd.iot
-        names = [f"t{i:03d}" for i in range(things)]
         arns = [iot.create_thing(thingName=n)["thingArn"] for n in names]
         for j in range(jobs):
             iot.create_job(jobId=f"noop-{j}", targets=arns, document='{"operation":"noop"}')
-        floor = floor_rtt(mosq.port)
         seq = sequential_jobsd_rtt(mosq.port, iot)
         fleet = Fleet(mosq.port, names, connections)
         wall = fleet.run()
         executions = fleet.done
         completed = sum(iot.describe_job(jobId=f"noop-{j}")["job"]["jobProcessDetails"]
                         ["numberOfSucceededThings"] for j in range(jobs))
-        floor_p50 = pct(floor, 0.5)
-        res = {
+        floor_p50 = pct(fl["seq"], 0.5)
+        floor_loaded_p50 = pct(fl["start"] + fl["update"], 0.5)
+        loaded_p50 = pct(fleet.start_rtt + fleet.update_rtt, 0.5)
+        return {
             "things": things, "jobs_per_thing": jobs, "connections": connections,
             "executions": executions, "executions_confirmed_succeeded": completed,
             "rejections": len(fleet.errors),
@@ -203,14 +241,16 @@ def run(work: str, pki, things: int = 200, jobs: int = 5, connections: int = 20)
             "start_next_ms_p99": round(pct(fleet.start_rtt, 0.99), 2),
             "update_ms_p50": round(pct(fleet.update_rtt, 0.5), 2),
             "update_ms_p99": round(pct(fleet.update_rtt, 0.99), 2),
-            "floor_mosquitto_rtt_ms_p50": round(floor_p50, 3),
-            "floor_mosquitto_rtt_ms_p99": round(pct(floor, 0.99), 3),
+            "floor_executions_per_s": round(fl["executions"] / fl["wall"], 1),
+            "floor_loaded_rtt_ms_p50": round(floor_loaded_p50, 2),
+            "floor_loaded_rtt_ms_p99": round(pct(fl["start"] + fl["update"], 0.99), 2),
+            "loaded_rtt_p50_vs_floor": round(loaded_p50 / floor_loaded_p50, 2),
+            "floor_rtt_ms_p50": round(floor_p50, 3),
+            "floor_rtt_ms_p99": round(pct(fl["seq"], 0.99), 3),
             "jobsd_sequential_rtt_ms_p50": round(pct(seq, 0.5), 3),
             "jobsd_sequential_vs_floor": round(pct(seq, 0.5) / floor_p50, 2),
-            "loaded_start_next_p50_vs_floor": round(pct(fleet.start_rtt, 0.5) / floor_p50, 1),
+            "executions_per_s_vs_floor": round((executions / wall) / (fl["executions"] / fl["wall"]), 2),
         }
-        res["rtt_ms_mean_all"] = round(statistics.mean(fleet.start_rtt + fleet.update_rtt) * 1000, 2)
-        return res
     finally:
         if fleet:
             fleet.stop()
