@@ -81,3 +81,21 @@ def test_cancel_and_errors(jobsd, iot, tmp_path):
     assert missing.returncode == 2 and "ResourceNotFoundException" in missing.stderr
     dup = jobs(jobsd, "create", "cli-cancel", "--document", doc, "--thing", "cli-idle")
     assert dup.returncode == 2 and "ResourceAlreadyExists" in dup.stderr
+
+
+def test_group_targets_and_continuous(jobsd, iot, tmp_path):
+    iot.create_thing_group(thingGroupName="kitchen")
+    iot.create_thing(thingName="toaster")
+    iot.add_thing_to_thing_group(thingGroupName="kitchen", thingName="toaster")
+    doc = doc_file(tmp_path, {"operation": "demo"})
+    r = jobs(jobsd, "create", "cli-group", "--document", doc, "--group", "kitchen", "--continuous")
+    assert r.returncode == 0, r.stderr
+    assert iot.describe_job(jobId="cli-group")["job"]["targetSelection"] == "CONTINUOUS"
+    # a thing that joins the group later gets the job too
+    iot.create_thing(thingName="kettle")
+    iot.add_thing_to_thing_group(thingGroupName="kitchen", thingName="kettle")
+    d = jobs(jobsd, "describe", "cli-group")
+    assert d.returncode == 0, d.stderr
+    assert "toaster" in d.stdout and "kettle" in d.stdout and "QUEUED" in d.stdout
+    missing = jobs(jobsd, "create", "cli-nogroup", "--document", doc, "--group", "no-such-group")
+    assert missing.returncode == 2 and "ResourceNotFoundException" in missing.stderr
