@@ -71,14 +71,17 @@ def iot(jobsd):
 def device(tmp_path, mosquitto, pki, procs):
     """Factory: device(thing, tls=True, heap="64K") starts a tools/devsim process."""
 
-    def start(thing: str, tls: bool = True, heap: str = "64K", extra=None) -> stack.Device:
+    def start(thing: str, tls: bool = True, heap: str = "64K", extra=None, config=None,
+              keepalive: int = 60, broker: str | None = None) -> stack.Device:
         d = stack.Device(
             str(tmp_path / ("device-" + thing)),
             thing,
-            mosquitto.tls_broker if tls else mosquitto.broker,
+            broker or (mosquitto.tls_broker if tls else mosquitto.broker),
             tls_dir=pki.thing(thing) if tls else None,
             heap=heap,
             extra=extra,
+            config=config,
+            keepalive=keepalive,
         )
         procs.append(d)
         return d

@@ -21,14 +21,18 @@ RESET_EXIT = 3  # firmware/platform.py
 TLS_FILES = ("ca.der", "cert.der", "key.der")
 
 
-def provision(flash: str, thing: str, broker: str, tls: str | None) -> None:
-    """Write config.json (and the TLS files) into a fresh flash folder, as provisioning would."""
+def provision(flash: str, thing: str, broker: str, tls: str | None, keepalive: int = 60,
+              extra: dict | None = None) -> None:
+    """Write config.json (and the TLS files) into a fresh flash folder, as provisioning would.
+
+    `extra` is merged into the config (tests use it for runner settings and halt points)."""
     os.makedirs(flash, exist_ok=True)
     cfg_path = os.path.join(flash, "config.json")
     if os.path.exists(cfg_path):
         return
     host, port = broker.rsplit(":", 1)
-    cfg: dict = {"thing": thing, "host": host, "port": int(port), "keepalive": 60}
+    cfg: dict = {"thing": thing, "host": host, "port": int(port), "keepalive": keepalive}
+    cfg.update(extra or {})
     if tls:
         certs = os.path.join(flash, "certs")
         os.makedirs(certs, exist_ok=True)
@@ -55,11 +59,12 @@ class Devsim:
         env = dict(os.environ)
         env["MICROPYPATH"] = ".frozen:" + code
         self.boots += 1
-        print(f"devsim: boot {self.boots} (heap {self.heap})", flush=True)
         self.child = subprocess.Popen(
             [os.path.join(VENV_BIN, "micropython"), "-X", f"heapsize={self.heap}", "-m", "main"],
             cwd=self.flash, env=env, stdin=subprocess.DEVNULL,
         )
+        # tests kill the firmware process (a power cut) by this pid
+        print(f"devsim: boot {self.boots} (heap {self.heap}, pid {self.child.pid})", flush=True)
         rc = self.child.wait()
         self.child = None
         return rc
@@ -93,11 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flash", required=True, help="folder that is the device's filesystem")
     ap.add_argument("--heap", default="64K", help="MicroPython heap, e.g. 64K (default)")
     ap.add_argument("--tls", help="folder with the thing's ca.der, cert.der and key.der")
+    ap.add_argument("--keepalive", type=int, default=60, help="MQTT keepalive, seconds")
+    ap.add_argument("--config", default="{}",
+                    help="JSON object merged into the device's config.json on first start")
     args = ap.parse_args(argv)
+    try:
+        extra = json.loads(args.config)
+        if not isinstance(extra, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        print(f"devsim: --config must be a JSON object: {e}", file=sys.stderr)
+        return 2
     if args.tls:
         missing = [n for n in TLS_FILES if not os.path.exists(os.path.join(args.tls, n))]
         if missing:
             print(f"devsim: --tls {args.tls} lacks {', '.join(missing)}", file=sys.stderr)
             return 2
-    provision(args.flash, args.thing, args.broker, args.tls)
+    provision(args.flash, args.thing, args.broker, args.tls, args.keepalive, extra)
     return Devsim(args.flash, args.heap).run()

@@ -232,19 +232,35 @@ class Device:
     """One tools/devsim process: a simulated board running firmware/ under the unix port."""
 
     def __init__(self, workdir: str, thing: str, broker: str, tls_dir: Optional[str] = None,
-                 heap: str = "64K", extra: Optional[list[str]] = None) -> None:
+                 heap: str = "64K", extra: Optional[list[str]] = None,
+                 config: Optional[dict] = None, keepalive: int = 60) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.thing = thing
         self.flash = os.path.join(workdir, "flash")
         argv = [os.path.join(TOOLS, "devsim"), "--thing", thing, "--broker", broker,
-                "--flash", self.flash, "--heap", heap]
+                "--flash", self.flash, "--heap", heap, "--keepalive", str(keepalive)]
         if tls_dir:
             argv += ["--tls", tls_dir]
+        if config:
+            argv += ["--config", json.dumps(config)]
         argv += extra or []
         self.proc = Proc("devsim-" + thing, argv, os.path.join(workdir, "device.log"))
 
     def log_text(self, tail: int = 8000) -> str:
         return self.proc.log_text(tail)
+
+    def boots(self) -> list[int]:
+        """PIDs of the firmware processes devsim has started, oldest first."""
+        import re
+
+        return [int(m) for m in re.findall(r"devsim: boot \d+ \(heap \S+, pid (\d+)\)",
+                                            self.proc.log_text(10**7))]
+
+    def power_cut(self) -> int:
+        """SIGKILL the running firmware process (devsim boots it again); returns its pid."""
+        pid = self.boots()[-1]
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
     def stop(self) -> Optional[int]:
         return self.proc.stop()
