@@ -1,16 +1,16 @@
-# Device wiring: read config.json, build transport -> client -> runner with its handlers, run.
+# Device wiring: read config.json, build journal, transport -> client -> runner with handlers,
+# run.
 #
 # config.json (written by tools/devsim or tools/provision):
 #   {"thing": "dev1", "host": "127.0.0.1", "port": 8883,
 #    "tls": {"ca": "ca.der", "cert": "cert.der", "key": "key.der", "hostname": "localhost"},
-#    "keepalive": 60, "client_id": "dev1"}
+#    "keepalive": 60, "client_id": "dev1",
+#    "progress_min_ms": 5000, "step_timeout_min": null, "handler_timeout_s": 600}
 # "tls" absent means plain TCP (only for a local broker).
 import json
+import os
 import time
 import platform
-from iotjobs.transport import Transport
-from iotjobs.client import JobsClient
-from iotjobs.runner import Runner, JobFailed
 
 CONFIG = "config.json"
 
@@ -44,14 +44,15 @@ def ssl_context(tls):
     return ctx
 
 
-def demo(job):
+def demo(ctx, doc):
     """The demonstration handler: `{"operation": "demo", "steps": 3, "step_ms": 0, "fail": "why"}`.
 
     Reports each step as IN_PROGRESS (after step_ms of "work"), then succeeds, or raises when
     `fail` is given."""
-    doc = job.document
     steps = doc.get("steps", 3)
     step_ms = doc.get("step_ms", 0)
+    from iotjobs.runner import JobFailed
+
     if not isinstance(steps, int) or not 0 <= steps <= 100:
         raise JobFailed("BAD_ARGUMENT", "steps must be an integer 0..100")
     if not isinstance(step_ms, int) or not 0 <= step_ms <= 10000:
@@ -59,26 +60,81 @@ def demo(job):
     for i in range(steps):
         if step_ms:
             platform.sleep_ms(step_ms)
-        job.progress(step="%d/%d" % (i + 1, steps))
+        ctx.progress(True, step="%d/%d" % (i + 1, steps))
     if doc.get("fail"):
         raise RuntimeError(doc["fail"])
     return {"steps": str(steps)}
 
 
+def halt_hook(point):
+    """Test aid: stop dead at a named point once (devsim's test kills the process there)."""
+    if not point:
+        return None
+
+    def on_point(name):
+        if name != point:
+            return
+        marker = "halted." + name
+        try:
+            os.stat(marker)
+            return  # halted here before: this boot goes on
+        except OSError:
+            pass
+        with open(marker, "w") as f:
+            f.write("1")
+        print("@@HALT " + name)
+        while True:
+            time.sleep(1)
+
+    return on_point
+
+
 def build(cfg):
+    # The TLS context first, while the heap is still in one piece (it wants a 3 KB block);
+    # the library's code comes after it.
     tls = cfg.get("tls")
+    ctx = ssl_context(tls) if tls else None
+    import gc
+
+    gc.collect()
+    from iotjobs.transport import Transport
+
+    gc.collect()
+    from iotjobs.client import JobsClient
+    from iotjobs.journal import Journal
+
+    gc.collect()
+    from iotjobs.runner import Runner
+
+    gc.collect()
+
     transport = Transport(
         cfg.get("client_id", cfg["thing"]),
         cfg["host"],
         cfg["port"],
-        ssl=ssl_context(tls) if tls else None,
+        ssl=ctx,
         server_hostname=(tls or {}).get("hostname"),
         keepalive=cfg.get("keepalive", 60),
         log=log,
     )
     client = JobsClient(transport, cfg["thing"], log=log)
-    runner = Runner(client, {"demo": demo}, log=log)
-    return runner
+    handlers = {"demo": demo}
+    if cfg.get("test_handlers"):
+        import testhandlers
+
+        handlers["effect"] = testhandlers.Effect()
+        handlers["rerun"] = testhandlers.Rerun()
+    return Runner(
+        client,
+        Journal("journal.json", log),
+        handlers,
+        log=log,
+        reset=platform.reset,
+        progress_min_ms=cfg.get("progress_min_ms", 5000),
+        step_timeout_min=cfg.get("step_timeout_min"),
+        handler_timeout_s=cfg.get("handler_timeout_s", 600),
+        on_point=halt_hook(cfg.get("halt_at")),
+    )
 
 
 def main():

@@ -5,7 +5,7 @@ import json
 
 from conftest import thing_arn, wait_execution
 
-HEAP = "64K"
+HEAP = "80K"
 
 
 def create_job(iot, job_id, thing, document):

@@ -1,32 +1,48 @@
-# How the runner turns a handler's behaviour into a terminal status and statusDetails.
-from iotjobs.runner import Runner, Job, JobFailed, JobRejected
+# How the runner turns a handler's behaviour into a terminal status and statusDetails, with a
+# real journal (in a temp folder) and the outbox as the observable result. The client is the
+# real JobsClient over a transport that is never connected: _finish's update then fails with
+# OSError before any I/O, which leaves the outbox in place, exactly as a lost link would.
+import os
 from iotjobs import runner as R
+from iotjobs.runner import Runner, Handler, JobFailed, JobRejected
+from iotjobs.journal import Journal
+from iotjobs.client import JobsClient
+from iotjobs.transport import Transport
 
-
-class _NoTransport:
-    def set_callback(self, cb):
-        pass
+_N = [0]
 
 
 def _runner(handlers):
-    from iotjobs.client import JobsClient
-
-    return Runner(JobsClient(_NoTransport(), "t1"), handlers, log=lambda m: None)
+    _N[0] += 1
+    path = "/tmp/iotjobs-test-runner-%d-%d.json" % (os.getpid() if hasattr(os, "getpid") else 0, _N[0])
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+    t = Transport(b"t1", "127.0.0.1", 1)
+    return Runner(JobsClient(t, "t1"), Journal(path), handlers, log=lambda m: None)
 
 
 def _outcome(handlers, document):
     r = _runner(handlers)
-    return r._outcome(Job(r, {"jobId": "j1", "jobDocument": document}))
+    try:
+        r.run_job({"jobId": "j1", "executionNumber": 1, "versionNumber": 2, "jobDocument": document})
+    except OSError:
+        pass  # the terminal update could not be sent: it waits in the outbox
+    out = r.journal.out
+    assert out is not None and out[0] == "j1" and out[1] == 1
+    assert r.journal.job is None
+    return out[2], out[3]
 
 
 def test_success_merges_handler_result():
-    status, details = _outcome({"x": lambda job: {"size": "3"}}, {"operation": "x"})
+    status, details = _outcome({"x": lambda ctx, doc: {"size": "3"}}, {"operation": "x"})
     assert status == "SUCCEEDED"
     assert details == {"reason": R.R_OK, "size": "3"}
 
 
 def test_handler_exception_fails_with_its_message():
-    def boom(job):
+    def boom(ctx, doc):
         raise OSError(28)
 
     status, details = _outcome({"x": boom}, {"operation": "x"})
@@ -36,7 +52,7 @@ def test_handler_exception_fails_with_its_message():
 
 
 def test_job_failed_carries_reason_and_details():
-    def refuse(job):
+    def refuse(ctx, doc):
         raise JobFailed("LOW_BATTERY", "battery at 3%", level="3")
 
     assert _outcome({"x": refuse}, {"operation": "x"}) == (
@@ -46,7 +62,7 @@ def test_job_failed_carries_reason_and_details():
 
 
 def test_job_rejected():
-    def reject(job):
+    def reject(ctx, doc):
         raise JobRejected("UNSUPPORTED")
 
     assert _outcome({"x": reject}, {"operation": "x"}) == ("REJECTED", {"reason": "UNSUPPORTED"})
@@ -56,11 +72,106 @@ def test_unknown_or_missing_operation_is_rejected():
     for doc in ({"operation": "nope"}, {"other": 1}):
         status, details = _outcome({}, doc)
         assert status == "REJECTED"
-        assert details["reason"] == R.R_UNKNOWN_OPERATION
+        assert details["reason"] == R.R_UNKNOWN_OPERATION, details
 
 
 def test_non_object_document_is_rejected():
     for doc in ("text", [1, 2], None, 5):
-        status, details = _outcome({"x": lambda job: None}, doc)
+        status, details = _outcome({"x": lambda ctx, doc: None}, doc)
         assert status == "REJECTED"
         assert details["reason"] == R.R_BAD_DOCUMENT
+
+
+def test_managed_template_steps_run_in_order_and_final_step_last():
+    seen = []
+
+    def rec(ctx, doc):
+        seen.append((doc["operation"], doc["args"], ctx.step, ctx.steps))
+
+    doc = {"version": "1.0", "steps": [
+        {"action": {"name": "A", "type": "runHandler", "input": {"handler": "install-packages.sh", "args": ["wget"]}}},
+        {"action": {"name": "B", "type": "runHandler", "input": {"handler": "download-file.sh", "args": ["u", "/f"], "path": "default"}}},
+    ], "finalStep": {"action": {"name": "C", "type": "runHandler", "input": {"handler": "remove-packages.sh", "args": ["wget"]}}}}
+    status, details = _outcome({"install-packages": rec, "download-file": rec, "remove-packages": rec}, doc)
+    assert status == "SUCCEEDED", details
+    assert seen == [("install-packages", ["wget"], 0, 3), ("download-file", ["u", "/f"], 1, 3),
+                    ("remove-packages", ["wget"], 2, 3)]
+    assert details["steps"] == "3/3"
+
+
+def test_failed_step_stops_unless_ignored():
+    seen = []
+
+    def ok(ctx, doc):
+        seen.append(doc["name"])
+
+    def bad(ctx, doc):
+        seen.append(doc["name"])
+        raise JobFailed("STEP_FAILED")
+
+    def act(name, handler, ignore=False):
+        a = {"action": {"name": name, "type": "runHandler", "input": {"handler": handler}}}
+        if ignore:
+            a["action"]["ignoreStepFailure"] = "true"
+        return a
+
+    doc = {"version": "1.0", "steps": [act("1", "bad.sh", True), act("2", "ok.sh"), act("3", "bad.sh"), act("4", "ok.sh")]}
+    status, details = _outcome({"bad": bad, "ok": ok}, doc)
+    assert status == "FAILED" and details["reason"] == "STEP_FAILED"
+    assert seen == ["1", "2", "3"]
+
+
+def test_unsupported_step_documents_are_rejected():
+    for doc, reason in (
+        ({"version": "2.0", "steps": [{"action": {"type": "runHandler", "input": {"handler": "x"}}}]}, "UNSUPPORTED_VERSION"),
+        ({"version": "1.0", "steps": [{"action": {"type": "runCommand", "input": {}}}]}, "UNSUPPORTED_ACTION"),
+        ({"version": "1.0", "steps": []}, "BAD_DOCUMENT"),
+        ({"version": "1.0", "steps": [{"action": {"type": "runHandler", "input": {"handler": "x", "args": "notalist"}}}]}, "UNSUPPORTED_ACTION"),
+    ):
+        status, details = _outcome({"x": lambda ctx, d: None}, doc)
+        assert (status, details["reason"]) == ("REJECTED", reason), (doc, details)
+
+
+def test_journal_writes_for_a_job_without_progress():
+    r = _runner({"x": lambda ctx, doc: None})
+    before = r.journal.writes
+    try:
+        r.run_job({"jobId": "j1", "executionNumber": 1, "versionNumber": 2, "jobDocument": {"operation": "x"}})
+    except OSError:
+        pass
+    assert r.journal.writes - before == 2  # start, finish (the third, acknowledged, needs the service)
+    r.journal.acknowledged()
+    assert r.journal.writes - before == 3
+
+
+def test_a_finished_execution_is_never_run_again():
+    calls = []
+    r = _runner({"x": lambda ctx, doc: calls.append(1)})
+    r.journal.start("j1", 1, 2)
+    r.journal.finish("SUCCEEDED", {"reason": "OK"}, 2)
+    r.journal.acknowledged()
+    try:
+        r.run_job({"jobId": "j1", "executionNumber": 1, "versionNumber": 3, "jobDocument": {"operation": "x"}})
+    except OSError:
+        pass
+    assert calls == []
+    assert r.journal.out[2] == "SUCCEEDED" and r.journal.out[3] == {"reason": R.R_ALREADY_DONE}
+
+
+def test_default_resume_is_at_most_once_and_idempotent_reruns():
+    class Once(Handler):
+        def run(self, ctx, doc):
+            return {"ran": "1"}
+
+    class Again(Once):
+        idempotent = True
+
+    r = _runner({"once": Once(), "again": Again()})
+    for op, want in (("once", ("FAILED", R.R_INTERRUPTED)), ("again", ("SUCCEEDED", R.R_OK))):
+        r.journal.start("j-" + op, 1, 2)
+        try:
+            r._run_steps("j-" + op, 1, {"operation": op}, 0, None, True)
+        except OSError:
+            pass
+        assert (r.journal.out[2], r.journal.out[3]["reason"]) == want, (op, r.journal.out)
+        r.journal.acknowledged()

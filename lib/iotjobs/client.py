@@ -10,6 +10,7 @@ from . import topics as T
 ACCEPTED = const(1)
 REJECTED = const(2)
 TIMEOUT = const(0)
+TOO_LARGE = const(3)  # a reply arrived but was larger than the device can hold (transport limit)
 
 
 class JobsClient:
@@ -38,6 +39,13 @@ class JobsClient:
         if code == T.NONE:
             self.dropped += 1
             return
+        want = self._want
+        if msg is None:  # drained by the transport: too large to hold
+            if want and code == want and self._reply is None:
+                self._reply = (TOO_LARGE, None)
+            else:
+                self.dropped += 1
+            return
         doc = codec.parse(msg)
         if doc is None:
             self.dropped += 1
@@ -45,7 +53,6 @@ class JobsClient:
         if code == T.NOTIFY_NEXT:
             self.next_event = doc
             return
-        want = self._want
         if want and (code == want or code == want + 1) and doc.get("clientToken") == self._token:
             self._reply = (ACCEPTED if code == want else REJECTED, doc)
             return
@@ -82,11 +89,11 @@ class JobsClient:
             t,
         )
 
-    def describe(self, job_id, include_document=True):
+    def describe(self, job_id, include_document=True, execution_number=None):
         t = self.token()
         return self._call(
             self.topics.describe(job_id),
-            codec.describe_request(t, include_document),
+            codec.describe_request(t, include_document, execution_number),
             T.DESCRIBE_ACCEPTED,
             t,
         )
@@ -95,11 +102,13 @@ class JobsClient:
         t = self.token()
         return self._call(self.topics.get, codec.describe_request(t), T.GET_ACCEPTED, t)
 
-    def update(self, job_id, status, details=None, expected_version=None, step_timeout=None):
+    def update(self, job_id, status, details=None, expected_version=None, step_timeout=None,
+               execution_number=None, include_state=False):
         t = self.token()
         return self._call(
             self.topics.update(job_id),
-            codec.update_request(t, status, details, expected_version, step_timeout),
+            codec.update_request(t, status, details, expected_version, step_timeout,
+                                 execution_number, include_state),
             T.UPDATE_ACCEPTED,
             t,
         )

@@ -73,14 +73,17 @@ def start_next_request(token, details=None, step_timeout=None):
     return json.dumps(req).encode()
 
 
-def describe_request(token, include_document=True):
+def describe_request(token, include_document=True, execution_number=None):
     req = {"clientToken": token}
     if not include_document:
         req["includeJobDocument"] = False
+    if execution_number is not None:
+        req["executionNumber"] = execution_number
     return json.dumps(req).encode()
 
 
-def update_request(token, status, details=None, expected_version=None, step_timeout=None):
+def update_request(token, status, details=None, expected_version=None, step_timeout=None,
+                   execution_number=None, include_state=False):
     req = {"status": status, "clientToken": token}
     if details is not None:
         req["statusDetails"] = clean_details(details)
@@ -88,6 +91,10 @@ def update_request(token, status, details=None, expected_version=None, step_time
         req["expectedVersion"] = expected_version
     if step_timeout is not None:
         req["stepTimeoutInMinutes"] = step_timeout
+    if execution_number is not None:
+        req["executionNumber"] = execution_number
+    if include_state:
+        req["includeJobExecutionState"] = True
     return json.dumps(req).encode()
 
 
@@ -102,14 +109,69 @@ def parse(payload):
     return doc if isinstance(doc, dict) else None
 
 
-def operation(document):
-    """The handler name a job document asks for, or None when it names none.
+def handler_name(name):
+    """Operation name of a Device Client handler script: `reboot.sh` -> `reboot`."""
+    name = name[name.rfind("/") + 1 :]
+    for suffix in (".sh", ".py"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
-    Native documents carry it in `operation`; later forms (AWS managed templates, afr_ota) are
-    recognised here too as they are added."""
+
+def operation(document):
+    """The handler name a native job document asks for, or None when it names none."""
     if not isinstance(document, dict):
         return None
     op = document.get("operation")
     if isinstance(op, str) and op:
-        return op
+        return handler_name(op)
+    if isinstance(document.get("afr_ota"), dict):
+        return "afr_ota"
     return None
+
+
+def _action(entry):
+    """(operation, input) of a Device Client v1.0 step, or None when it is not one we run."""
+    action = entry.get("action") if isinstance(entry, dict) else None
+    if not isinstance(action, dict) or action.get("type") != "runHandler":
+        return None
+    inp = action.get("input")
+    if not isinstance(inp, dict) or not isinstance(inp.get("handler"), str) or not inp["handler"]:
+        return None
+    args = inp.get("args", [])
+    if not isinstance(args, list):
+        return None
+    op = handler_name(inp["handler"])
+    step = {"operation": op, "args": args}
+    if isinstance(action.get("name"), str):
+        step["name"] = action["name"]
+    return op, step, action.get("ignoreStepFailure") == "true"
+
+
+def steps(document):
+    """The steps a job document asks for: a list of (operation, step document, ignore failure).
+
+    Native documents are one step (the document itself); the AWS managed templates' documents
+    (Device Client schema version 1.0) are their `steps` then `finalStep`, each a `runHandler`
+    action mapped onto the handler named by its script (`download-file.sh` -> `download-file`).
+    Raises ValueError with a reason code when the document is none of these."""
+    if not isinstance(document, dict):
+        raise ValueError("BAD_DOCUMENT")
+    if "operation" not in document and "steps" in document:
+        if document.get("version") != "1.0":
+            raise ValueError("UNSUPPORTED_VERSION")
+        raw = document["steps"]
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("BAD_DOCUMENT")
+        final = document.get("finalStep")
+        out = []
+        for entry in raw + ([final] if final is not None else []):
+            step = _action(entry)
+            if step is None:
+                raise ValueError("UNSUPPORTED_ACTION")
+            out.append(step)
+        return out
+    op = operation(document)
+    if op is None:
+        raise ValueError("UNKNOWN_OPERATION")
+    return [(op, document, False)]

@@ -23,6 +23,17 @@ RUN = "RUN"
 REBOOT = "REBOOT"
 
 
+def _job_ok(j):
+    return (isinstance(j, dict) and isinstance(j.get("id"), str) and isinstance(j.get("n"), int)
+            and isinstance(j.get("step"), int) and "cp" in j and j.get("t") in (RUN, REBOOT))
+
+
+def _out_ok(o):
+    return (isinstance(o, list) and len(o) == 5 and isinstance(o[0], str)
+            and isinstance(o[1], int) and isinstance(o[2], str)
+            and (o[3] is None or isinstance(o[3], dict)))
+
+
 class Journal:
     def __init__(self, path="journal.json", log=None):
         self.path = path
@@ -43,11 +54,11 @@ class Journal:
             if not isinstance(d, dict) or d.get("ver") != _VERSION:
                 raise ValueError("unknown journal format")
             job, out, done = d.get("job"), d.get("out"), d.get("done", [])
-            if job is not None and not (isinstance(job, dict) and isinstance(job.get("id"), str)):
+            if job is not None and not _job_ok(job):
                 raise ValueError("bad job entry")
-            if out is not None and not (isinstance(out, list) and len(out) == 5):
+            if out is not None and not _out_ok(out):
                 raise ValueError("bad outbox entry")
-            if not isinstance(done, list):
+            if not (isinstance(done, list) and all(isinstance(e, str) for e in done)):
                 raise ValueError("bad done list")
             self.boot = d.get("boot", 0) if isinstance(d.get("boot"), int) else 0
             self.job, self.out, self.done = job, out, done[-DONE_MAX:]
@@ -67,10 +78,14 @@ class Journal:
         data = json.dumps({"ver": _VERSION, "boot": self.boot, "job": self.job,
                            "out": self.out, "done": self.done})
         with open(self.tmp, "w") as f:
-            f.write(data)
-        os.rename(self.tmp, self.path)
+            n = f.write(data)  # bytes (UTF-8), not characters
+        try:
+            os.rename(self.tmp, self.path)
+        except OSError:
+            os.rmdir(self.path)  # an empty directory holds the name: clear it, once
+            os.rename(self.tmp, self.path)
         self.writes += 1
-        self.bytes_written += len(data)
+        self.bytes_written += n
 
     # -- the transitions a job goes through (each one write) -----------------------------------
     def booted(self):

@@ -1,10 +1,19 @@
-# The job loop: ask for the next job (start-next), run its handler, report the outcome, repeat;
-# wake on notify-next, poll now and then in case an event was lost, and survive any failure of
-# the connection. One job at a time.
+# The job engine: one job at a time, durable across power cuts.
+#
+# Boot: load the journal, count the boot, connect, then reconcile before asking for new work:
+#   - an outbox entry (terminal update never acknowledged) is sent again;
+#   - an interrupted job is described: still pending -> its handler resumes from the journal's
+#     step and checkpoint; settled elsewhere (cancelled, removed, timed out, gone) -> the
+#     handler's abort() runs and the job is dropped.
+# Loop: start-next, journal the job (before any side effect), run its steps' handlers, journal
+# the outcome into the outbox, send the terminal update with expectedVersion, clear the outbox
+# when the service answers, then the next job. Wake on notify-next; re-sync (start-next) after
+# every reconnect and every few minutes in case an event was lost.
+import gc
 import time
 from micropython import const
 from . import codec
-from .client import ACCEPTED, REJECTED, TIMEOUT
+from .client import ACCEPTED, REJECTED, TIMEOUT, TOO_LARGE
 
 _DEBUG = const(False)
 
@@ -13,6 +22,16 @@ R_OK = "OK"
 R_UNKNOWN_OPERATION = "UNKNOWN_OPERATION"
 R_BAD_DOCUMENT = "BAD_DOCUMENT"
 R_HANDLER_ERROR = "HANDLER_ERROR"
+R_INTERRUPTED = "INTERRUPTED"
+R_TIMEOUT = "TIMEOUT"
+R_TOO_LARGE = "DOCUMENT_TOO_LARGE"
+R_ALREADY_DONE = "ALREADY_DONE"
+
+_TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED")
+# Rejection codes that mean "the service settled this execution otherwise".
+_SETTLED = ("ResourceNotFound", "TerminalStateReached", "InvalidStateTransition")
+# Rejection codes worth retrying later.
+_TRANSIENT = ("RequestThrottled", "InternalError")
 
 
 class JobFailed(Exception):
@@ -30,44 +49,145 @@ class JobRejected(JobFailed):
     """Raised by a handler that refuses a job it cannot or must not run: the job ends REJECTED."""
 
 
-class Job:
-    """What a handler sees of the job it runs."""
+class JobCanceled(Exception):
+    """The service settled the execution while its handler ran (cancelled, timed out, removed)."""
 
-    def __init__(self, runner, execution):
+
+class _Reboot(Exception):
+    pass
+
+
+class Handler:
+    """Base of job handlers. `run` does the work; `resume` continues after a reset in the middle
+    of `run` (with the last checkpoint); `abort` cleans up when the job was cancelled meanwhile.
+
+    A handler that is safe to run twice sets `idempotent = True`: it is simply run again. The
+    default `resume` of any other handler ends the job FAILED (INTERRUPTED): at most once."""
+
+    idempotent = False
+
+    def run(self, ctx, document):
+        raise NotImplementedError
+
+    def resume(self, ctx, document, checkpoint):
+        if self.idempotent:
+            return self.run(ctx, document)
+        raise JobFailed(R_INTERRUPTED, "the device restarted while the handler ran")
+
+    def abort(self, ctx):
+        pass
+
+
+class FunctionHandler(Handler):
+    """A plain function `fn(ctx, document)` as a handler."""
+
+    def __init__(self, fn, idempotent=False):
+        self.fn = fn
+        self.idempotent = idempotent
+
+    def run(self, ctx, document):
+        return self.fn(ctx, document)
+
+
+class Context:
+    """What a handler sees of its job: progress, checkpoints, its deadline, reboot."""
+
+    def __init__(self, runner, job_id, number, document, step, steps, deadline, checkpoint=None):
         self.runner = runner
-        self.execution = execution
-        self.id = execution.get("jobId")
-        self.document = execution.get("jobDocument")
+        self.id = job_id
+        self.execution_number = number
+        self.document = document
+        self.step = step
+        self.steps = steps
+        self.deadline = deadline  # time.ticks_ms() value
+        self.last_checkpoint = checkpoint
+        self.boot = runner.journal.boot
+        self._last_progress = None
 
-    def progress(self, **details):
-        """Report IN_PROGRESS with details. False when the service refused it (e.g. cancelled)."""
-        res, _ = self.runner.client.update(self.id, codec.IN_PROGRESS, details)
-        return res == ACCEPTED
+    def remaining_ms(self):
+        return time.ticks_diff(self.deadline, time.ticks_ms())
+
+    def check(self):
+        """Raise JobFailed(TIMEOUT) once the handler's deadline has passed."""
+        if self.remaining_ms() <= 0:
+            raise JobFailed(R_TIMEOUT, "the handler ran past its deadline")
+
+    def progress(self, force=False, **details):
+        """Report IN_PROGRESS with details (rate-limited unless `force`); renews the step
+        timeout. Raises JobCanceled when the service has settled the execution meanwhile."""
+        self.check()
+        now = time.ticks_ms()
+        r = self.runner
+        if (not force and self._last_progress is not None
+                and time.ticks_diff(now, self._last_progress) < r.progress_min_ms):
+            return False
+        self._last_progress = now
+        return r.report_progress(self.id, self.execution_number, details)
+
+    def checkpoint(self, data):
+        """Record the handler's progress in flash (one journal write): after a reset,
+        `resume` receives the last checkpoint."""
+        self.last_checkpoint = data
+        self.runner.journal.checkpoint(self.step, data)
+
+    def request_reboot(self):
+        """Reset the device now; the job resumes after the boot (checkpoint first)."""
+        raise _Reboot()
+
+    def point(self, name):
+        self.runner.point(name)
 
 
 class Runner:
     def __init__(
         self,
         client,
+        journal,
         handlers=None,
         log=print,
+        reset=None,
         poll_ms=1000,
         recheck_s=300,
+        progress_min_ms=5000,
+        step_timeout_min=None,
+        handler_timeout_s=600,
+        retry_ms=2000,
         sleep_ms=time.sleep_ms,
+        on_point=None,
     ):
         self.client = client
-        self.handlers = dict(handlers or {})
+        self.journal = journal
+        self.handlers = {}
+        for op in handlers or {}:
+            self.register(op, handlers[op])
         self.log = log
+        self.reset = reset
         self.poll_ms = poll_ms
         self.recheck_ms = recheck_s * 1000
+        self.progress_min_ms = progress_min_ms
+        self.step_timeout_min = step_timeout_min
+        self.handler_timeout_ms = handler_timeout_s * 1000
+        self.retry_ms = retry_ms
         self.sleep_ms = sleep_ms
-        self.outbox = None  # (job id, status, details): a terminal update not yet acknowledged
-        self._want_next = True
-        self._last_check = time.ticks_ms()
+        self.on_point = on_point
+        self.version = None  # versionNumber of the current execution, as last seen
         self.jobs_done = 0
+        self._want_next = True
+        self._recover = True
+        self._last_check = time.ticks_ms()
+        self._backoff = retry_ms
+        self._retry_at = None
+        journal.booted()
 
     def register(self, operation, handler):
+        if not isinstance(handler, Handler):
+            handler = FunctionHandler(handler)
         self.handlers[operation] = handler
+
+    def point(self, name):
+        """A named point in a job's life (tests halt the device here to cut its power)."""
+        if self.on_point is not None:
+            self.on_point(name)
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self, until=None):
@@ -81,16 +201,40 @@ class Runner:
                         self.client.subscribe()
                     self.log("connected")
                     self._want_next = True
+                    self._recover = True
+                    self._retry_at = None
                 self.step()
             except OSError as e:
                 self.log("link lost: %r" % (e,))
                 t.close()
 
+    def _waiting(self):
+        """True while backing off after a transient failure (waits on the link meanwhile)."""
+        if self._retry_at is None:
+            return False
+        left = time.ticks_diff(self._retry_at, time.ticks_ms())
+        if left <= 0:
+            self._retry_at = None
+            return False
+        self.client.transport.wait(min(left, self.poll_ms))
+        return True
+
+    def _later(self):
+        self._retry_at = time.ticks_add(time.ticks_ms(), self._backoff)
+        self._backoff = min(self._backoff * 2, 60000)
+
     def step(self):
-        """One turn of the loop: flush the outbox, fetch and run a job, or wait for an event."""
-        if self.outbox is not None:
+        """One turn of the loop."""
+        if self._waiting():
+            return
+        j = self.journal
+        if j.out is not None:
             self._flush()
             return
+        if self._recover:
+            if j.job is not None and not self._reconcile():
+                return
+            self._recover = False
         now = time.ticks_ms()
         if time.ticks_diff(now, self._last_check) >= self.recheck_ms:
             self._want_next = True
@@ -104,69 +248,244 @@ class Runner:
         if ev is not None and isinstance(ev.get("execution"), dict):
             self._want_next = True
 
+    # -- after a reset -----------------------------------------------------------------------
+    def _reconcile(self):
+        """Settle the interrupted job of the journal with the service. False: try again later."""
+        j = self.journal.job
+        res, doc = self.client.describe(j["id"], True, j["n"])
+        if res == TIMEOUT:
+            self._later()
+            return False
+        if res == REJECTED:
+            code = doc.get("code")
+            if code in _TRANSIENT:
+                self._later()
+                return False
+            self.log("job %s: %s at the service: abandoned" % (j["id"], code))
+            self._abandon(j, None)
+            return True
+        ex = doc.get("execution") if res == ACCEPTED else None
+        if not isinstance(ex, dict):
+            if res == TOO_LARGE:  # cannot hold the document again: end it
+                self._finish(codec.REJECTED, {"reason": R_TOO_LARGE})
+                return True
+            self._abandon(j, None)
+            return True
+        status = ex.get("status")
+        if status in _TERMINAL:
+            self.log("job %s: %s at the service: abandoned" % (j["id"], status))
+            self._abandon(j, ex.get("jobDocument"))
+            return True
+        self.version = ex.get("versionNumber")
+        self.log("job %s: resuming step %d after boot %d" % (j["id"], j["step"], self.journal.boot))
+        self._run_steps(j["id"], j["n"], ex.get("jobDocument"), j["step"], j["cp"], True)
+        return True
+
+    def _abandon(self, j, document):
+        """The execution was settled elsewhere: let its handler clean up, then forget it."""
+        try:
+            op = codec.steps(document)[j["step"]][0] if document is not None else None
+        except (ValueError, IndexError, TypeError):
+            op = None
+        h = self.handlers.get(op) if op else None
+        if h is not None:
+            ctx = Context(self, j["id"], j["n"], document, j["step"], 1, time.ticks_ms(), j["cp"])
+            try:
+                h.abort(ctx)
+            except Exception as e:  # an abort that fails must not take the loop down
+                self.log("job %s: abort failed: %r" % (j["id"], e))
+        self.journal.abandon()
+        self.point("abandoned")
+
+    # -- new work ----------------------------------------------------------------------------
     def _start_next(self):
-        res, doc = self.client.start_next()
+        self.point("before-start-next")
+        res, doc = self.client.start_next(None, self.step_timeout_min)
         if res == TIMEOUT:
             self.log("start-next: no reply")
             self._want_next = True
+            self._later()
+            return
+        if res == TOO_LARGE:
+            self._too_large()
             return
         if res == REJECTED:
             self.log("start-next rejected: %s" % doc.get("code"))
+            if doc.get("code") in _TRANSIENT:
+                self._want_next = True
+                self._later()
             return
+        self._backoff = self.retry_ms
         ex = doc.get("execution")
         if not isinstance(ex, dict):
             return  # nothing pending
+        self.point("start-next-accepted")
         self.run_job(ex)
         self._want_next = True
 
-    # -- one job -----------------------------------------------------------------------------
-    def run_job(self, execution):
-        job = Job(self, execution)
-        if not isinstance(job.id, str):
-            self.log("execution without jobId dropped")
+    def _too_large(self):
+        """start-next's reply did not fit: find the job without its document and reject it."""
+        res, doc = self.client.describe("$next", False)
+        ex = doc.get("execution") if res == ACCEPTED else None
+        if not isinstance(ex, dict) or not isinstance(ex.get("jobId"), str):
+            self._later()
+            self._want_next = True
             return
-        self.log("job %s: start" % job.id)
-        status, details = self._outcome(job)
-        self.log("job %s: %s %s" % (job.id, status, details.get("reason")))
-        self.outbox = (job.id, status, details)
+        n = ex.get("executionNumber")
+        self.version = ex.get("versionNumber")
+        self.journal.start(ex["jobId"], n, self.version)
+        self._finish(codec.REJECTED, {"reason": R_TOO_LARGE, "message": "job document too large"})
+        self._want_next = True
+
+    def run_job(self, execution):
+        job_id = execution.get("jobId")
+        n = execution.get("executionNumber")
+        if not isinstance(job_id, str) or not isinstance(n, int) or isinstance(n, bool):
+            self.log("execution without a valid jobId/executionNumber dropped")
+            return
+        self.version = execution.get("versionNumber")
+        if not isinstance(self.version, int):
+            self.version = None
+        done = self.journal.finished_status(job_id, n)
+        if done is not None:
+            # Finished here already (a stale or duplicate notification): never run it twice.
+            self.log("job %s: already finished (%s); reporting again" % (job_id, done))
+            status = done if done in (codec.SUCCEEDED, codec.FAILED, codec.REJECTED) else codec.FAILED
+            self.journal.start(job_id, n, self.version)
+            self._finish(status, {"reason": R_ALREADY_DONE})
+            return
+        self.log("job %s: start" % job_id)
+        self.journal.start(job_id, n, self.version)  # before any side effect
+        self.point("journaled")
+        self._run_steps(job_id, n, execution.get("jobDocument"), 0, None, False)
+
+    def _run_steps(self, job_id, n, document, first, checkpoint, resuming):
+        try:
+            plan = codec.steps(document)
+        except ValueError as e:
+            reason = e.args[0] if e.args else R_BAD_DOCUMENT
+            msg = "job document is not a JSON object" if reason == R_BAD_DOCUMENT else (
+                "no handler for this job document")
+            self._finish(codec.REJECTED, {"reason": reason, "message": msg})
+            return
+        for op, _, _ in plan:
+            if op not in self.handlers:
+                self._finish(codec.REJECTED, {"reason": R_UNKNOWN_OPERATION,
+                                              "message": "no handler for operation %r" % (op,)})
+                return
+        timeout = document.get("timeoutSec") if isinstance(document, dict) else None
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+            timeout_ms = self.handler_timeout_ms
+        else:
+            timeout_ms = timeout * 1000
+        deadline = time.ticks_add(time.ticks_ms(), timeout_ms)
+        details = {"reason": R_OK}
+        status = codec.SUCCEEDED
+        for i in range(first, len(plan)):
+            op, step_doc, ignore = plan[i]
+            h = self.handlers[op]
+            ctx = Context(self, job_id, n, step_doc, i, len(plan), deadline,
+                          checkpoint if i == first else None)
+            try:
+                if resuming and i == first:
+                    result = h.resume(ctx, step_doc, checkpoint)
+                else:
+                    result = h.run(ctx, step_doc)
+                if isinstance(result, dict):
+                    details.update(result)
+            except _Reboot:
+                if self.reset is None:
+                    status, details = codec.FAILED, {"reason": "REBOOT_UNAVAILABLE"}
+                    break
+                self.journal.checkpoint(i, ctx.last_checkpoint, "REBOOT")
+                self.point("before-reset")
+                self.log("job %s: reboot requested by %s" % (job_id, op))
+                self.reset()
+                return  # a reset that returns (a fake one): the next boot resumes
+            except JobCanceled:
+                self.log("job %s: settled by the service while running: abort" % job_id)
+                try:
+                    h.abort(ctx)
+                except Exception as e:
+                    self.log("job %s: abort failed: %r" % (job_id, e))
+                self.journal.abandon()
+                return
+            except JobRejected as e:
+                status, details = codec.REJECTED, _details(e)
+            except JobFailed as e:
+                status, details = codec.FAILED, _details(e)
+            except Exception as e:  # a handler bug must not take the loop down
+                status = codec.FAILED
+                details = {"reason": R_HANDLER_ERROR, "message": "%s: %s" % (type(e).__name__, e)}
+            if status != codec.SUCCEEDED:
+                if ignore:
+                    status, details = codec.SUCCEEDED, {"reason": R_OK}
+                else:
+                    break
+            if len(plan) > 1:
+                details["steps"] = "%d/%d" % (i + 1, len(plan))
+                if i + 1 < len(plan):
+                    self.journal.checkpoint(i + 1, None)
+        self.point("handler-done")
+        self._finish(status, details)
+
+    def _finish(self, status, details):
+        j = self.journal.job
+        self.log("job %s: %s %s" % (j["id"], status, details.get("reason")))
+        self.journal.finish(status, details, self.version)
+        self.point("outbox-written")
         self._flush()
 
-    def _outcome(self, job):
-        if not isinstance(job.document, dict):
-            return codec.REJECTED, {"reason": R_BAD_DOCUMENT, "message": "job document is not a JSON object"}
-        op = codec.operation(job.document)
-        handler = self.handlers.get(op) if op else None
-        if handler is None:
-            return codec.REJECTED, {
-                "reason": R_UNKNOWN_OPERATION,
-                "message": "no handler for operation %r" % (op,),
-            }
-        try:
-            result = handler(job)
-        except JobRejected as e:
-            return codec.REJECTED, _details(e)
-        except JobFailed as e:
-            return codec.FAILED, _details(e)
-        except Exception as e:  # a handler bug must not take the loop down
-            return codec.FAILED, {"reason": R_HANDLER_ERROR, "message": "%s: %s" % (type(e).__name__, e)}
-        details = {"reason": R_OK}
-        if isinstance(result, dict):
-            details.update(result)
-        return codec.SUCCEEDED, details
+    # -- talking to the service --------------------------------------------------------------
+    def report_progress(self, job_id, number, details):
+        res, doc = self.client.update(job_id, codec.IN_PROGRESS, details, None,
+                                      self.step_timeout_min, number, True)
+        if res == ACCEPTED:
+            st = doc.get("executionState")
+            if isinstance(st, dict) and isinstance(st.get("versionNumber"), int):
+                self.version = st["versionNumber"]
+            return True
+        if res == REJECTED:
+            code = doc.get("code")
+            st = doc.get("executionState")
+            if code in _SETTLED or (isinstance(st, dict) and st.get("status") in _TERMINAL):
+                raise JobCanceled()
+            if code == "VersionMismatch" and isinstance(st, dict):
+                self.version = st.get("versionNumber")
+        return False
 
     def _flush(self):
-        """Send the pending terminal update; keep it until the service answers it."""
-        job_id, status, details = self.outbox
-        res, doc = self.client.update(job_id, status, details)
-        if res == TIMEOUT:
+        """Send the outbox's terminal update; keep it until the service has answered it."""
+        job_id, n, status, details, version = self.journal.out
+        self.point("before-update")
+        res, doc = self.client.update(job_id, status, details, version, None, n)
+        if res == TIMEOUT or res == TOO_LARGE:
             self.log("job %s: update not acknowledged, will resend" % job_id)
+            self._later()
             return
         if res == REJECTED:
-            # The service settled this execution otherwise (cancelled, timed out, already
-            # terminal): nothing we resend can change that.
-            self.log("job %s: update rejected: %s" % (job_id, doc.get("code")))
-        self.outbox = None
+            code = doc.get("code")
+            st = doc.get("executionState")
+            seen = st.get("status") if isinstance(st, dict) else None
+            if code in _TRANSIENT:
+                self._later()
+                return
+            if code == "VersionMismatch" and seen not in _TERMINAL and isinstance(st, dict):
+                self.journal.out[4] = st.get("versionNumber")  # someone else updated: retry
+                return
+            if code == "InvalidRequest" and details.get("reason") != "INVALID_DETAILS":
+                self.journal.out[3] = {"reason": "INVALID_DETAILS"}
+                return
+            # Settled already: by this very update (a resend) or otherwise (cancelled...).
+            self.log("job %s: update rejected: %s (%s)" % (job_id, code, seen))
+        self.point("update-answered")
+        self._backoff = self.retry_ms
+        self.journal.acknowledged()
+        self.point("outbox-cleared")
         self.jobs_done += 1
+        self.version = None
+        gc.collect()
+        self.log("heap free=%d alloc=%d" % (gc.mem_free(), gc.mem_alloc()))
 
 
 def _details(e):

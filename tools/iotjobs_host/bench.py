@@ -78,7 +78,7 @@ class Bench:
             dev.stop()
             spy.stop()
 
-    def heap_min_kb(self, lo: int = 8, hi: int = 64) -> int:
+    def heap_min_kb(self, lo: int = 16, hi: int = 96) -> int:
         if not self.passes(hi):
             raise RuntimeError(f"the device fails even with {hi} KB")
         while hi - lo > 1:
@@ -93,7 +93,7 @@ class Bench:
         boots: list[float] = []
         lat: list[float] = []
         for _ in range(3):
-            thing, spy, dev, t0, times = self.device("64K")
+            thing, spy, dev, t0, times = self.device("80K")
             try:
                 first = spy.wait_for(lambda t, p: t.endswith("/start-next"), 20, "start-next")
                 boots.append(next(ts for ts, t, _ in times if t == first[0]) - t0)
