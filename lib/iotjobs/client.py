@@ -27,6 +27,7 @@ class JobsClient:
         self._token = None
         self._reply = None
         self.next_event = None  # the latest notify-next payload (dict), until taken
+        self.on_sent = None  # called with the request's accepted code once it is published
         self.dropped = 0  # messages that were foreign, stale or malformed
         transport.set_callback(self._on_message)
 
@@ -65,6 +66,8 @@ class JobsClient:
         self._reply = None
         try:
             self.transport.publish(topic, payload, qos=1)
+            if self.on_sent is not None:
+                self.on_sent(code)
             deadline = time.ticks_add(time.ticks_ms(), self.reply_timeout_ms)
             while self._reply is None:
                 left = time.ticks_diff(deadline, time.ticks_ms())

@@ -14,6 +14,7 @@ import time
 from micropython import const
 from . import codec
 from .client import ACCEPTED, REJECTED, TIMEOUT, TOO_LARGE
+from .topics import START_NEXT_ACCEPTED as T_START_NEXT, UPDATE_ACCEPTED as T_UPDATE
 
 _DEBUG = const(False)
 
@@ -177,6 +178,8 @@ class Runner:
         self._last_check = time.ticks_ms()
         self._backoff = retry_ms
         self._retry_at = None
+        if on_point is not None:
+            client.on_sent = self._sent
         journal.booted()
 
     def register(self, operation, handler):
@@ -188,6 +191,12 @@ class Runner:
         """A named point in a job's life (tests halt the device here to cut its power)."""
         if self.on_point is not None:
             self.on_point(name)
+
+    def _sent(self, code):
+        if code == T_START_NEXT:
+            self.point("start-next-sent")
+        elif code == T_UPDATE:
+            self.point("update-sent")
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self, until=None):
