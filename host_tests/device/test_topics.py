@@ -5,6 +5,11 @@ FOO = T.Topics("foobar")
 B = b"$aws/things/foobar/jobs/"
 
 
+def match_id(topics, topic):
+    code = topics.match(topic)
+    return code, topics.job_id(topic)
+
+
 def test_generated_topics():
     assert FOO.notify == b"$aws/things/foobar/jobs/notify"
     assert FOO.notify_next == b"$aws/things/foobar/jobs/notify-next"
@@ -24,21 +29,21 @@ def test_filters_cover_every_reply():
 
 
 def test_match_plain_topics():
-    assert FOO.match(B + b"notify") == (T.NOTIFY, None)
-    assert FOO.match(B + b"notify-next") == (T.NOTIFY_NEXT, None)
-    assert FOO.match(B + b"get/accepted") == (T.GET_ACCEPTED, None)
-    assert FOO.match(B + b"get/rejected") == (T.GET_REJECTED, None)
-    assert FOO.match(B + b"start-next/accepted") == (T.START_NEXT_ACCEPTED, None)
-    assert FOO.match(B + b"start-next/rejected") == (T.START_NEXT_REJECTED, None)
+    assert FOO.match(B + b"notify") == T.NOTIFY
+    assert FOO.match(B + b"notify-next") == T.NOTIFY_NEXT
+    assert FOO.match(B + b"get/accepted") == T.GET_ACCEPTED
+    assert FOO.match(B + b"get/rejected") == T.GET_REJECTED
+    assert FOO.match(B + b"start-next/accepted") == T.START_NEXT_ACCEPTED
+    assert FOO.match(B + b"start-next/rejected") == T.START_NEXT_REJECTED
 
 
 def test_match_job_topics():
-    assert FOO.match(B + b"12345/get/accepted") == (T.DESCRIBE_ACCEPTED, b"12345")
-    assert FOO.match(B + b"ab224-z/get/rejected") == (T.DESCRIBE_REJECTED, b"ab224-z")
-    assert FOO.match(B + b"$next/get/accepted") == (T.DESCRIBE_ACCEPTED, b"$next")
-    assert FOO.match(B + b"$next/get/rejected") == (T.DESCRIBE_REJECTED, b"$next")
-    assert FOO.match(B + b"12345/update/accepted") == (T.UPDATE_ACCEPTED, b"12345")
-    assert FOO.match(B + b"ab224-z/update/rejected") == (T.UPDATE_REJECTED, b"ab224-z")
+    assert match_id(FOO, B + b"12345/get/accepted") == (T.DESCRIBE_ACCEPTED, b"12345")
+    assert match_id(FOO, B + b"ab224-z/get/rejected") == (T.DESCRIBE_REJECTED, b"ab224-z")
+    assert match_id(FOO, B + b"$next/get/accepted") == (T.DESCRIBE_ACCEPTED, b"$next")
+    assert match_id(FOO, B + b"$next/get/rejected") == (T.DESCRIBE_REJECTED, b"$next")
+    assert match_id(FOO, B + b"12345/update/accepted") == (T.UPDATE_ACCEPTED, b"12345")
+    assert match_id(FOO, B + b"ab224-z/update/rejected") == (T.UPDATE_REJECTED, b"ab224-z")
 
 
 def test_no_match():
@@ -57,12 +62,12 @@ def test_no_match():
         B,
         b"",
     ):
-        assert FOO.match(topic) == (T.NONE, None), topic
+        assert FOO.match(topic) == T.NONE, topic
 
 
 def test_match_never_raises_on_junk():
     for topic in (b"\xff\xfe", B + b"\x00/get/accepted", B + b"j/" * 40, bytes(range(256))):
-        assert FOO.match(topic)[0] == T.NONE
+        assert FOO.match(topic) == T.NONE
 
 
 def test_identifier_validation():
@@ -91,4 +96,21 @@ def test_longest_topic_is_226_bytes():
     t = T.Topics("t" * 128)
     topic = t.update("j" * 64) + b"/accepted"
     assert len(topic) == T.TOPIC_MAX == 226
-    assert t.match(topic) == (T.UPDATE_ACCEPTED, b"j" * 64)
+    assert match_id(t, topic) == (T.UPDATE_ACCEPTED, b"j" * 64)
+
+
+def test_match_allocates_nothing():
+    import micropython
+
+    topics = [B + b"notify-next", B + b"12345/update/accepted", B + b"$next/get/rejected",
+              B + b"start-next/accepted", b"$aws/things/other/jobs/notify-next", B + b"x/update/nope",
+              B + b"a:b/get/accepted", b"", B + b"j" * 70 + b"/get/accepted"]
+    codes = [0] * len(topics)
+    micropython.heap_lock()  # any allocation now raises MemoryError
+    try:
+        for i in range(len(topics)):
+            codes[i] = FOO.match(topics[i])
+    finally:
+        micropython.heap_unlock()
+    assert codes == [T.NOTIFY_NEXT, T.UPDATE_ACCEPTED, T.DESCRIBE_REJECTED, T.START_NEXT_ACCEPTED,
+                     T.NONE, T.NONE, T.NONE, T.NONE, T.NONE]

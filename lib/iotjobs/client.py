@@ -36,13 +36,15 @@ class JobsClient:
             self.transport.subscribe(f, 1)
 
     def _on_message(self, topic, msg):
-        code, _ = self.topics.match(topic)
-        if code == T.NONE:
+        # Routing decides from the topic alone, without allocating, whether a message is worth
+        # parsing: foreign topics and replies nobody waits for are dropped before any JSON.
+        code = self.topics.match(topic)
+        want = self._want
+        if code == T.NONE or (code != T.NOTIFY_NEXT and not (want and (code == want or code == want + 1))):
             self.dropped += 1
             return
-        want = self._want
         if msg is None:  # drained by the transport: too large to hold
-            if want and code == want and self._reply is None:
+            if code == want and self._reply is None:
                 self._reply = (TOO_LARGE, None)
             else:
                 self.dropped += 1
@@ -54,7 +56,7 @@ class JobsClient:
         if code == T.NOTIFY_NEXT:
             self.next_event = doc
             return
-        if want and (code == want or code == want + 1) and doc.get("clientToken") == self._token:
+        if doc.get("clientToken") == self._token:
             self._reply = (ACCEPTED if code == want else REJECTED, doc)
             return
         self.dropped += 1  # a reply to a request we no longer wait for

@@ -52,26 +52,26 @@ def _valid_char(c, colon):
     )
 
 
-def _valid_name(name, limit, colon):
-    n = len(name)
+def _valid_span(buf, start, end, limit, colon):
+    n = end - start
     if n < 1 or n > limit:
         return False
-    for c in name:
-        if not _valid_char(c, colon):
+    for i in range(start, end):
+        if not _valid_char(buf[i], colon):
             return False
     return True
 
 
 def valid_thing_name(name):
     """True for 1..128 bytes of [A-Za-z0-9:_-]."""
-    return _valid_name(name, THING_MAX, True)
+    return _valid_span(name, 0, len(name), THING_MAX, True)
 
 
 def valid_job_id(job_id, allow_next=False):
     """True for 1..64 bytes of [A-Za-z0-9_-]; `$next` only where Describe takes it."""
     if allow_next and job_id == _NEXT:
         return True
-    return _valid_name(job_id, JOB_ID_MAX, False)
+    return _valid_span(job_id, 0, len(job_id), JOB_ID_MAX, False)
 
 
 def _b(s):
@@ -86,6 +86,8 @@ class Topics:
         if not valid_thing_name(thing):
             raise ValueError("thing name")
         self.thing = thing
+        self.start = 0
+        self.end = 0
         base = _PREFIX + thing + b"/jobs/"
         self.base = base
         self.notify = base + b"notify"
@@ -108,24 +110,33 @@ class Topics:
         return self.base + _b(job_id) + b"/update"
 
     def match(self, topic):
-        """(code, job id or None) for one of this thing's jobs topics; (NONE, None) otherwise."""
+        """The code of one of this thing's jobs topics, NONE for anything else; never raises,
+        never allocates (the hot path of every incoming message). For topics that carry a job
+        id, its position is left in `self.start` / `self.end` (see `job_id`)."""
         base = self.base
         n = len(base)
-        if len(topic) <= n or topic[:n] != base:
-            return NONE, None
-        rest = topic[n:]
+        tlen = len(topic)
+        if tlen <= n or not topic.startswith(base):
+            return NONE
         for suffix, code in _PLAIN:
-            if rest == suffix:
-                return code, None
-        slash = rest.find(b"/")
-        if slash < 1:
-            return NONE, None
-        job_id = rest[:slash]
-        tail = rest[slash + 1 :]
+            if tlen == n + len(suffix) and topic.endswith(suffix):
+                return code
+        slash = topic.find(b"/", n)
+        if slash <= n:
+            return NONE
         for suffix, code in _PER_JOB:
-            if tail == suffix:
+            if tlen == slash + 1 + len(suffix) and topic.endswith(suffix):
+                self.start = n
+                self.end = slash
+                if _valid_span(topic, n, slash, JOB_ID_MAX, False):
+                    return code
                 # `$next` is valid in the Describe position only.
-                if valid_job_id(job_id, code == DESCRIBE_ACCEPTED or code == DESCRIBE_REJECTED):
-                    return code, job_id
-                return NONE, None
-        return NONE, None
+                if (code == DESCRIBE_ACCEPTED or code == DESCRIBE_REJECTED) and slash - n == 5 \
+                        and topic.startswith(_NEXT, n):
+                    return code
+                return NONE
+        return NONE
+
+    def job_id(self, topic):
+        """The job id of the topic `match` last recognised (allocates: call only when needed)."""
+        return topic[self.start : self.end]

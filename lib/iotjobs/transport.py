@@ -50,6 +50,7 @@ class Transport(MQTTClient):
         self.subs = []  # (topic, qos) to restore after a reconnect
         self._poll = None
         self._last_tx = 0
+        self._last_rx = 0
         self._ping_at = None
         self._acked = -1  # last PUBACK / SUBACK packet id
         self._suback_rc = 0
@@ -92,6 +93,7 @@ class Transport(MQTTClient):
         self._poll = select.poll()
         self._poll.register(s, select.POLLIN)
         self._ping_at = None
+        self._last_rx = time.ticks_ms()
         return resp[2] & 1
 
     def close(self):
@@ -215,13 +217,17 @@ class Transport(MQTTClient):
             self.wait(left)
 
     def _keepalive(self):
+        """PING after half a keepalive without sending or without receiving; a PING unanswered
+        for another half is a dead link (OSError): a silent drop is noticed within one
+        keepalive period of the last packet received."""
         if not self.keepalive:
             return
         now = time.ticks_ms()
+        half = self.keepalive * 500
         if self._ping_at is not None:
-            if time.ticks_diff(now, self._ping_at) > self.keepalive * 1000:
+            if time.ticks_diff(now, self._ping_at) > half:
                 raise OSError("keepalive: no PINGRESP")
-        elif time.ticks_diff(now, self._last_tx) >= self.keepalive * 500:
+        elif time.ticks_diff(now, self._last_tx) >= half or time.ticks_diff(now, self._last_rx) >= half:
             self.ping()
 
     def wait(self, timeout_ms):
@@ -241,6 +247,7 @@ class Transport(MQTTClient):
     def wait_msg(self):
         """Read and process exactly one packet (blocking, bounded by the socket timeout)."""
         op = self._read(1)[0]
+        self._last_rx = time.ticks_ms()
         sz = self._recv_len()
         kind = op & 0xF0
         if kind == _PUBLISH:
