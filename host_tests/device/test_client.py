@@ -61,9 +61,19 @@ def test_oversized_reply_is_reported():
     assert c._reply == (TOO_LARGE, None)
 
 
-def test_notify_next_kept_latest():
+def test_notify_next_is_a_wake_up_call():
     c = _client()
-    c._on_message(B + b"notify-next", b'{"execution":{"jobId":"a"}}')
-    c._on_message(B + b"notify-next", b'{"execution":{"jobId":"b"}}')
-    assert c.take_next_event()["execution"]["jobId"] == "b"
+    c._on_message(B + b"notify-next", b'{"execution":{"jobId":"a"},"timestamp":1}')
+    assert c.take_next_event() is True
     assert c.take_next_event() is None
+    c._on_message(B + b"notify-next", b'{"timestamp":1}')  # the queue emptied
+    assert c.take_next_event() is False
+    c._on_message(B + b"notify-next", None)  # too large to hold: it surely named one
+    assert c.take_next_event() is True
+    topic, payload = B + b"notify-next", b'{"execution":{"jobId":"b"}}'
+    micropython.heap_lock()  # no parsing, no allocation
+    try:
+        c._on_message(topic, payload)
+    finally:
+        micropython.heap_unlock()
+    assert c.take_next_event() is True

@@ -26,7 +26,9 @@ class JobsClient:
         self._want = 0  # accepted code of the request in flight (its rejected code is +1)
         self._token = None
         self._reply = None
-        self.next_event = None  # the latest notify-next payload (dict), until taken
+        # notify-next since last taken: True when it named an execution (work is waiting),
+        # False when the queue emptied, None when none came. Not parsed: only the trigger matters.
+        self.next_event = None
         self.on_sent = None  # called with the request's accepted code once it is published
         self.dropped = 0  # messages that were foreign, stale or malformed
         transport.set_callback(self._on_message)
@@ -43,6 +45,11 @@ class JobsClient:
         if code == T.NONE or (code != T.NOTIFY_NEXT and not (want and (code == want or code == want + 1))):
             self.dropped += 1
             return
+        if code == T.NOTIFY_NEXT:
+            # A wake-up call, not data: start-next fetches the execution itself. Any notify-next
+            # that could name one wakes the runner (a false alarm costs one start-next).
+            self.next_event = msg is None or msg.find(b'"execution"') >= 0
+            return
         if msg is None:  # drained by the transport: too large to hold
             if code == want and self._reply is None:
                 self._reply = (TOO_LARGE, None)
@@ -52,9 +59,6 @@ class JobsClient:
         doc = codec.parse(msg)
         if doc is None:
             self.dropped += 1
-            return
-        if code == T.NOTIFY_NEXT:
-            self.next_event = doc
             return
         if doc.get("clientToken") == self._token:
             self._reply = (ACCEPTED if code == want else REJECTED, doc)
@@ -67,7 +71,7 @@ class JobsClient:
         self._token = token
         self._reply = None
         try:
-            self.transport.publish(topic, payload, qos=1)
+            self.transport.publish(topic, payload, 0, 1, False)  # the reply is the ack
             if self.on_sent is not None:
                 self.on_sent(code)
             deadline = time.ticks_add(time.ticks_ms(), self.reply_timeout_ms)

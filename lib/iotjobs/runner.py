@@ -253,8 +253,7 @@ class Runner:
             self._start_next()
             return
         self.client.transport.wait(self.poll_ms)
-        ev = self.client.take_next_event()
-        if ev is not None and isinstance(ev.get("execution"), dict):
+        if self.client.take_next_event():
             self._want_next = True
 
     # -- after a reset -----------------------------------------------------------------------
@@ -327,7 +326,8 @@ class Runner:
         self._backoff = self.retry_ms
         ex = doc.get("execution")
         if not isinstance(ex, dict):
-            return  # nothing pending
+            self._idle()  # nothing pending
+            return
         self.point("start-next-accepted")
         self.run_job(ex)
         self._want_next = True
@@ -363,7 +363,6 @@ class Runner:
             self.journal.start(job_id, n, self.version)
             self._finish(status, {"reason": R_ALREADY_DONE})
             return
-        self.log("job %s: start" % job_id)
         self.journal.start(job_id, n, self.version)  # before any side effect
         self.point("journaled")
         self._run_steps(job_id, n, execution.get("jobDocument"), 0, None, False)
@@ -493,8 +492,13 @@ class Runner:
         self.point("outbox-cleared")
         self.jobs_done += 1
         self.version = None
+
+    def _idle(self):
+        """The queue is empty: a good moment to tidy the heap and say how it looks."""
         gc.collect()
-        self.log("heap free=%d alloc=%d" % (gc.mem_free(), gc.mem_alloc()))
+        j = self.journal
+        self.log("heap free=%d alloc=%d journal=%d/%d jobs=%d" % (
+            gc.mem_free(), gc.mem_alloc(), j.writes, j.bytes_written, self.jobs_done))
 
 
 def _details(e):

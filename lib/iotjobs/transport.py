@@ -19,6 +19,7 @@ _PUBACK = const(0x40)
 _SUBACK = const(0x90)
 _PINGRESP = const(0xD0)
 _IPPROTO_TCP = const(6)
+_EAGAIN = const(11)
 _TCP_NODELAY = const(1)
 # Largest inbound PUBLISH held in RAM: a 32 KB job document plus its envelope. Larger packets
 # are drained through a small buffer and reported to the callback with msg=None.
@@ -48,6 +49,7 @@ class Transport(MQTTClient):
         self.backoff_max_ms = backoff_max_ms
         self.log = log
         self.subs = []  # (topic, qos) to restore after a reconnect
+        self.raw = None
         self._poll = None
         self._last_tx = 0
         self._last_rx = 0
@@ -59,7 +61,7 @@ class Transport(MQTTClient):
     def connect(self, clean_session=True):
         self.close()
         addr = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0][-1]
-        s = socket.socket()
+        raw = s = socket.socket()
         try:
             s.settimeout(self.timeout)
             try:
@@ -70,9 +72,10 @@ class Transport(MQTTClient):
             if self.ssl is not None:
                 s = self.ssl.wrap_socket(s, server_hostname=self.hostname)
         except Exception as e:
-            s.close()
+            raw.close()
             raise e if isinstance(e, OSError) else OSError(str(e))
         self.sock = s
+        self.raw = raw  # the TCP socket under TLS: polled directly (see wait)
         cid = self.client_id
         if isinstance(cid, str):
             cid = cid.encode()
@@ -91,7 +94,7 @@ class Transport(MQTTClient):
             self.close()
             raise OSError("CONNACK refused %d" % resp[3])
         self._poll = select.poll()
-        self._poll.register(s, select.POLLIN)
+        self._poll.register(raw, select.POLLIN)
         self._ping_at = None
         self._last_rx = time.ticks_ms()
         return resp[2] & 1
@@ -99,6 +102,7 @@ class Transport(MQTTClient):
     def close(self):
         s = self.sock
         self.sock = None
+        self.raw = None
         self._poll = None
         if s is not None:
             try:
@@ -147,8 +151,9 @@ class Transport(MQTTClient):
         self.pid = self.pid % 65535 + 1
         return self.pid
 
-    def publish(self, topic, msg, retain=False, qos=0):
-        """Send one PUBLISH in a single write; for QoS 1 wait (bounded) for its PUBACK."""
+    def publish(self, topic, msg, retain=False, qos=0, wait=True):
+        """Send one PUBLISH in a single write; for QoS 1 wait (bounded) for its PUBACK unless
+        `wait` is False (a request whose reply proves delivery needs no PUBACK wait)."""
         sz = 2 + len(topic) + len(msg) + (2 if qos else 0)
         head = bytearray(1)
         head[0] = _PUBLISH | qos << 1 | retain
@@ -158,7 +163,7 @@ class Transport(MQTTClient):
             pkt += pid.to_bytes(2, "big")
         pkt += msg
         self._write(pkt)
-        if qos:
+        if qos and wait:
             self._await_ack(pid)
 
     def subscribe(self, topic, qos=1):
@@ -230,23 +235,51 @@ class Transport(MQTTClient):
         elif time.ticks_diff(now, self._last_tx) >= half or time.ticks_diff(now, self._last_rx) >= half:
             self.ping()
 
+    def _try_byte(self):
+        """The next byte if one is ready, else None; never blocks. Tried before polling: TLS
+        may hold decrypted bytes the TCP socket no longer shows."""
+        raw = self.raw
+        raw.settimeout(0)
+        try:
+            b = self.sock.read(1)
+        except OSError as e:
+            if e.args and e.args[0] == _EAGAIN:
+                return None
+            raise
+        finally:
+            raw.settimeout(self.timeout)
+        if b is None:
+            return None
+        if not b:
+            raise OSError("connection closed")
+        return b[0]
+
     def wait(self, timeout_ms):
         """Process at most one incoming packet, waiting up to timeout_ms for it.
 
-        Returns the packet type, or None when nothing arrived in time."""
+        Returns the packet type, or None when nothing arrived in time. Polls the TCP socket
+        itself: polling a TLS socket object falls back to 1 ms sleeps in MicroPython, which
+        cost a millisecond or more on every packet."""
         if self.sock is None:
             raise OSError("not connected")
         self._keepalive()
-        if not self._poll.poll(max(0, timeout_ms)):
-            return None
-        return self.wait_msg()
+        deadline = time.ticks_add(time.ticks_ms(), max(0, timeout_ms))
+        while True:
+            op = self._try_byte()
+            if op is not None:
+                return self._packet(op)
+            left = time.ticks_diff(deadline, time.ticks_ms())
+            if left <= 0 or not self._poll.poll(left):
+                return None
 
     def check_msg(self):
         return self.wait(0)
 
     def wait_msg(self):
         """Read and process exactly one packet (blocking, bounded by the socket timeout)."""
-        op = self._read(1)[0]
+        return self._packet(self._read(1)[0])
+
+    def _packet(self, op):
         self._last_rx = time.ticks_ms()
         sz = self._recv_len()
         kind = op & 0xF0

@@ -2,8 +2,14 @@
 
 Written to build/bench.json and printed. A benchmark, not a test: nothing here passes or fails
 on a number. Figures:
-- heap_min_kb: the smallest `-X heapsize` (1 KB steps) at which a device boots over mutual TLS
-  and completes a demo job (PLATFORM.md: mem_peak() is not a usable peak measure);
+- heap_min_kb / heap_min_kb_plain: the smallest `-X heapsize` (1 KB steps) at which a device
+  boots over mutual TLS (or plain TCP) and completes a no-op job (PLATFORM.md: mem_peak() is not
+  a usable peak measure); code_heap_bytes: how much of it the imported .mpy code itself takes
+  (on a board the code is frozen into flash and costs no heap);
+- jobs_per_s: one device running 200 queued no-op jobs back to back against jobsd (start-next,
+  journal, handler, journal, update, journal per job), beside the same 200 executions driven by
+  a paho client that does nothing else (the service-only floor), in the same run;
+- journal writes and bytes per job, from the device's own counters;
 - boot_to_ready_ms: device process start to its first start-next (TLS handshake, CONNECT,
   5 SUBSCRIBEs), median;
 - job_ms: notify-next of a new job to the device's SUCCEEDED update being accepted, for a job
@@ -21,7 +27,7 @@ import statistics
 import sys
 import time
 
-from . import BUILD
+from . import BUILD, VENV_BIN
 from . import stack
 from .build import build, size_report
 from .pki import PKI
@@ -41,16 +47,20 @@ class Bench:
         self.jobsd.stop()
         self.mosq.stop()
 
-    def device(self, heap: str):
+    def device(self, heap: str, tls: bool = True, jobs: int = 0):
         self.n += 1
         thing = f"bench-{self.n}"
         self.jobsd.iot.create_thing(thingName=thing)
+        for k in range(jobs):  # queued before the device boots
+            self.jobsd.iot.create_job(jobId=f"{thing}-q{k}", targets=[ARN + thing],
+                                      document=json.dumps({"operation": "demo", "steps": 0}))
         times: list[tuple[float, str, object]] = []
         spy = stack.Spy(self.mosq.port, thing,
                         on_message=lambda t, p: times.append((time.monotonic(), t, p)))
         t0 = time.monotonic()
-        dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
-                           tls_dir=self.pki.thing(thing), heap=heap)
+        dev = stack.Device(os.path.join(self.work, thing), thing,
+                           self.mosq.tls_broker if tls else self.mosq.broker,
+                           tls_dir=self.pki.thing(thing) if tls else None, heap=heap)
         return thing, spy, dev, t0, times
 
     def job_ok(self, thing: str, dev, timeout: float = 8.0) -> bool:
@@ -70,24 +80,59 @@ class Bench:
         except TimeoutError:
             return False
 
-    def passes(self, heap_kb: int) -> bool:
-        thing, spy, dev, _, _ = self.device(f"{heap_kb}K")
+    def passes(self, heap_kb: int, tls: bool) -> bool:
+        thing, spy, dev, _, _ = self.device(f"{heap_kb}K", tls)
         try:
             return self.job_ok(thing, dev)
         finally:
             dev.stop()
             spy.stop()
 
-    def heap_min_kb(self, lo: int = 16, hi: int = 96) -> int:
-        if not self.passes(hi):
+    def heap_min_kb(self, tls: bool = True, lo: int = 16, hi: int = 128) -> int:
+        if not self.passes(hi, tls):
             raise RuntimeError(f"the device fails even with {hi} KB")
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.passes(mid):
+            if self.passes(mid, tls):
                 hi = mid
             else:
                 lo = mid
         return hi
+
+    def throughput(self, jobs: int = 200) -> dict:
+        """One device, `jobs` queued no-op jobs: jobs per second, journal traffic per job."""
+        thing, spy, dev, _, times = self.device("96K", True, jobs)
+        try:
+            last = f"{thing}-q{jobs - 1}/update/accepted"
+            stack.wait_until(lambda: any(t.endswith(last) for _, t, _ in times) or not dev.proc.alive(),
+                             120, "the device to finish its queue", 0.05)
+            first = next(ts for ts, t, _ in times if t.endswith("/start-next"))
+            end = next(ts for ts, t, _ in times if t.endswith(last))
+            import re
+
+            m = re.findall(r"heap free=\d+ alloc=\d+ journal=(\d+)/(\d+)", dev.log_text(10**7))
+            writes, nbytes = (int(m[-1][0]), int(m[-1][1])) if m else (0, 0)
+            return {"jobs": jobs, "seconds": end - first, "writes": writes, "bytes": nbytes}
+        finally:
+            dev.stop()
+            spy.stop()
+
+    def floor(self, jobs: int = 200) -> float:
+        """The same executions driven by one paho client (bench_jobsd.Fleet): jobs per second."""
+        from .bench_jobsd import Fleet
+
+        self.n += 1
+        thing = f"floor-{self.n}"
+        self.jobsd.iot.create_thing(thingName=thing)
+        for k in range(jobs):
+            self.jobsd.iot.create_job(jobId=f"{thing}-q{k}", targets=[ARN + thing],
+                                      document='{"operation":"noop"}')
+        fleet = Fleet(self.mosq.port, [thing], 1)
+        try:
+            wall = fleet.run()
+            return fleet.done / wall
+        finally:
+            fleet.stop()
 
     def timings(self, jobs: int = 20) -> tuple[list[float], list[float]]:
         boots: list[float] = []
@@ -113,22 +158,51 @@ class Bench:
         return boots, lat
 
 
+CORE = ("iotjobs/topics.mpy", "iotjobs/codec.mpy", "iotjobs/transport.mpy", "iotjobs/client.mpy",
+        "iotjobs/journal.mpy", "iotjobs/runner.mpy")
+
+
+def code_heap_bytes() -> int:
+    """Heap taken by importing the device code (.mpy) on the unix port, after gc.collect()."""
+    import subprocess
+
+    probe = ("import gc\ngc.collect()\nb = gc.mem_alloc()\n"
+             "import ssl, umqtt.simple, iotjobs.transport, iotjobs.client, iotjobs.journal\n"
+             "import iotjobs.runner, app\ngc.collect()\nprint(gc.mem_alloc() - b)\n")
+    out = subprocess.run([os.path.join(VENV_BIN, "micropython"), "-X", "heapsize=256K", "-c", probe],
+                         capture_output=True, text=True, env=dict(os.environ, MICROPYPATH=".frozen:"
+                         + os.path.join(BUILD, "mpy", "host")), check=True)
+    return int(out.stdout.split()[-1])
+
+
 def device_figures(work: str) -> dict:
     build("host")
     build("xtensawin")
     b = Bench(work)
     try:
-        heap = b.heap_min_kb()
+        heap = b.heap_min_kb(True)
+        heap_plain = b.heap_min_kb(False)
         boots, lat = b.timings()
+        tp = b.throughput()
+        floor = b.floor()
     finally:
         b.stop()
     sizes = dict(size_report("host"))
+    rate = tp["jobs"] / tp["seconds"]
     return {
         "heap_min_kb": heap,
+        "heap_min_kb_plain": heap_plain,
+        "code_heap_bytes": code_heap_bytes(),
         "boot_to_ready_ms": round(statistics.median(boots) * 1000, 1),
         "job_ms_median": round(statistics.median(lat) * 1000, 1),
         "job_ms_max": round(max(lat) * 1000, 1),
         "jobs_timed": len(lat),
+        "jobs_per_s": round(rate, 1),
+        "floor_jobs_per_s": round(floor, 1),
+        "jobs_per_s_vs_floor": round(rate / floor, 2),
+        "journal_writes_per_job": round(tp["writes"] / tp["jobs"], 2),
+        "journal_bytes_per_job": round(tp["bytes"] / tp["jobs"], 1),
+        "core_bytes": sum(sizes.get(m, 0) for m in CORE),
         "code_bytes": sum(sizes.values()),
         "code_bytes_by_file": sizes,
     }
@@ -149,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                     "host": f"{os.uname().machine}, {os.cpu_count()} cpus"}
     if args.only in (None, "device"):
         d = result["device"] = device_figures(os.path.join(work, "device"))
-        print(f"device: smallest heap for a job over mutual TLS : {d['heap_min_kb']} KB")
+        print(f"device: smallest heap for a job, TLS / plain    : {d['heap_min_kb']} KB / "
+              f"{d['heap_min_kb_plain']} KB (imported code alone: {d['code_heap_bytes']} bytes)")
+        print(f"device: no-op jobs per second, one device       : {d['jobs_per_s']} "
+              f"(service-only floor {d['floor_jobs_per_s']}, {d['jobs_per_s_vs_floor']}x)")
+        print(f"device: journal per job                         : {d['journal_writes_per_job']} writes, "
+              f"{d['journal_bytes_per_job']} bytes")
+        print(f"device: core .mpy (lib/iotjobs)                 : {d['core_bytes']} bytes")
         print(f"device: boot to first start-next (median)       : {d['boot_to_ready_ms']} ms")
         print(f"device: notify-next to SUCCEEDED accepted       : median {d['job_ms_median']} ms, "
               f"max {d['job_ms_max']} ms over {d['jobs_timed']} jobs")
