@@ -201,6 +201,15 @@ class Transport(MQTTClient):
             b += more
         return b
 
+    def _readinto(self, mv):
+        got = 0
+        n = len(mv)
+        while got < n:
+            k = self.sock.readinto(mv[got:])
+            if not k:
+                raise OSError("connection closed")
+            got += k
+
     def _recv_len(self):
         n = 0
         sh = 0
@@ -309,14 +318,22 @@ class Transport(MQTTClient):
             p = self._read(2)
             pid = p[0] << 8 | p[1]
             sz -= 2
+        msg = None
         if sz <= MAX_PACKET:
-            msg = self._read(sz) if sz else b""
+            try:
+                msg = bytearray(sz)  # before reading a byte: no allocation can fail mid-packet
+            except MemoryError:
+                pass
+        if msg is not None:
+            self._readinto(memoryview(msg))
         else:
-            # Too large for this heap: drain it, tell the callback it was there.
+            # Too large for the limit or for this heap now: drain it through a small buffer,
+            # and tell the callback it was there (msg None).
+            drain = bytearray(_DRAIN)
             while sz > 0:
-                self._read(min(sz, _DRAIN))
-                sz -= _DRAIN
-            msg = None
+                n = min(sz, _DRAIN)
+                self._readinto(memoryview(drain)[:n])
+                sz -= n
         if qos == 1:
             self._write(bytes((_PUBACK, 2, pid >> 8, pid & 0xFF)))
         if _DEBUG:
