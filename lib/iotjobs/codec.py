@@ -104,8 +104,8 @@ def parse(payload):
         return None
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeError):
-        return None
+    except (ValueError, UnicodeError, MemoryError, RuntimeError):
+        return None  # RuntimeError: nested deeper than the parser's recursion limit
     return doc if isinstance(doc, dict) else None
 
 

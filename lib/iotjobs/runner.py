@@ -178,6 +178,7 @@ class Runner:
         self._last_check = time.ticks_ms()
         self._backoff = retry_ms
         self._retry_at = None
+        self._relink_at = None
         if on_point is not None:
             client.on_sent = self._sent
         journal.booted()
@@ -216,6 +217,10 @@ class Runner:
             except OSError as e:
                 self.log("link lost: %r" % (e,))
                 t.close()
+            except MemoryError:
+                # Hostile input on a fragmented heap: drop what was being built, keep running.
+                gc.collect()
+                self.log("out of memory: recovered")
 
     def _waiting(self):
         """True while backing off after a transient failure (waits on the link meanwhile)."""
@@ -446,8 +451,33 @@ class Runner:
 
     # -- talking to the service --------------------------------------------------------------
     def report_progress(self, job_id, number, details):
-        res, doc = self.client.update(job_id, codec.IN_PROGRESS, details, None,
-                                      self.step_timeout_min, number, True)
+        t = self.client.transport
+        if not t.connected:
+            # The link went down while the handler works: one attempt to bring it back (at
+            # most once per backoff period), so progress and the step timer keep flowing;
+            # otherwise the handler goes on and its outcome waits in the outbox.
+            now = time.ticks_ms()
+            if self._relink_at is not None and time.ticks_diff(self._relink_at, now) > 0:
+                return False
+            try:
+                t.try_reconnect()
+                self.log("connected")
+                self._relink_at = None
+                self._recover = False
+            except OSError as e:
+                self._relink_at = time.ticks_add(now, self._backoff)
+                self._backoff = min(self._backoff * 2, 60000)
+                self.log("link lost: %r" % (e,))
+                return False
+        try:
+            res, doc = self.client.update(job_id, codec.IN_PROGRESS, details, None,
+                                          self.step_timeout_min, number, True)
+        except OSError as e:
+            # A lost link must not fail the job: the handler's work goes on; the main loop
+            # reconnects once the handler returns, and the outbox delivers the outcome.
+            self.log("link lost: %r" % (e,))
+            t.close()
+            return False
         if res == ACCEPTED:
             st = doc.get("executionState")
             if isinstance(st, dict) and isinstance(st.get("versionNumber"), int):

@@ -20,6 +20,7 @@ _SUBACK = const(0x90)
 _PINGRESP = const(0xD0)
 _IPPROTO_TCP = const(6)
 _EAGAIN = const(11)
+_POLL_SLICE_MS = const(500)
 _TCP_NODELAY = const(1)
 # Largest inbound PUBLISH held in RAM: a 32 KB job document plus its envelope. Larger packets
 # are drained through a small buffer and reported to the callback with msg=None.
@@ -121,6 +122,16 @@ class Transport(MQTTClient):
     def connected(self):
         return self.sock is not None
 
+    def try_reconnect(self):
+        """One attempt to connect and resubscribe (OSError if it fails)."""
+        try:
+            self.connect()
+            for topic, qos in self.subs:
+                self._subscribe(topic, qos)
+        except OSError:
+            self.close()
+            raise
+
     def reconnect(self, sleep_ms=time.sleep_ms):
         """Connect and resubscribe, retrying for ever with exponential backoff and jitter."""
         import random
@@ -128,9 +139,7 @@ class Transport(MQTTClient):
         delay = self.backoff_ms
         while True:
             try:
-                self.connect()
-                for topic, qos in self.subs:
-                    self._subscribe(topic, qos)
+                self.try_reconnect()
                 return
             except OSError as e:
                 self.close()
@@ -271,15 +280,16 @@ class Transport(MQTTClient):
         cost a millisecond or more on every packet."""
         if self.sock is None:
             raise OSError("not connected")
-        self._keepalive()
         deadline = time.ticks_add(time.ticks_ms(), max(0, timeout_ms))
         while True:
+            self._keepalive()  # on every pass: a long wait must not hide a dead link
             op = self._try_byte()
             if op is not None:
                 return self._packet(op)
             left = time.ticks_diff(deadline, time.ticks_ms())
-            if left <= 0 or not self._poll.poll(left):
+            if left <= 0:
                 return None
+            self._poll.poll(min(left, _POLL_SLICE_MS))
 
     def check_msg(self):
         return self.wait(0)

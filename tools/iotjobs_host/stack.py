@@ -290,7 +290,7 @@ class Spy:
     def _on_message(self, client, userdata, msg) -> None:
         try:
             payload = json.loads(msg.payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             payload = msg.payload
         with self._cond:
             self.messages.append((msg.topic, payload))

@@ -1,0 +1,263 @@
+"""A loopback TCP proxy that can break the network under a device, for tests.
+
+It sits between devices and a broker listener and forwards bytes only, so mutual TLS stays end to
+end (the device keeps checking the broker's name and certificate). Three faults:
+
+- cut(): a dead link, as when Wi-Fi drops. Nothing is forwarded in either direction and no socket
+  is closed, so neither end is told anything; only its own timers (keepalive, reply and socket
+  timeouts) can find out. Connections accepted during a cut are held, not forwarded (a dead link
+  answers no handshake). restore() lets the held bytes through, as TCP retransmission would.
+- drop_all(): every connection closed at once, as a broker or NAT that forgets its flows.
+- stop(): the proxy goes away (listener, connections and its one thread).
+
+One selector thread does all socket work; the public methods hand it a command and wait until it
+has been applied, so after cut() returns not one more byte is forwarded."""
+from __future__ import annotations
+
+import queue
+import selectors
+import socket
+import threading
+
+_CHUNK = 64 * 1024
+_HIGH_WATER = 1 << 20  # stop reading one side while this much waits to be sent to the other
+_LISTEN = "listen"
+_WAKE = "wake"
+
+
+class _Conn:
+    """One proxied connection: side 0 is the client (device), side 1 the target (broker)."""
+
+    def __init__(self, down: socket.socket) -> None:
+        self.socks: list[socket.socket | None] = [down, None]
+        self.out = [bytearray(), bytearray()]  # bytes waiting to be sent on socks[i]
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        for s in self.socks:
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+class Proxy:
+    """Proxy(target_port) listens on 127.0.0.1:<port> and forwards to target_host:target_port."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1",
+                 host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self._listener = socket.create_server((host, 0), backlog=64)
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self.accepted = 0  # connections accepted since start (a reconnect adds one)
+        self._cut = False
+        self._conns: list[_Conn] = []
+        self._registered: dict[socket.socket, int] = {}
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._listener, selectors.EVENT_READ, _LISTEN)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._cmds: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=f"netproxy-{self.port}", daemon=True)
+        self._thread.start()
+
+    # -- control (any thread) --------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def is_cut(self) -> bool:
+        return self._cut
+
+    def open_connections(self) -> int:
+        return sum(1 for c in self._conns if not c.closed)
+
+    def cut(self) -> None:
+        """Blackhole every connection, present and future, without closing any."""
+        self._command("cut")
+
+    def restore(self) -> None:
+        self._command("restore")
+
+    def drop_all(self) -> None:
+        """Close every connection (both of its sockets); the listener stays open."""
+        self._command("drop")
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread.is_alive():
+            self._command("stop")
+        self._thread.join(10)
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _command(self, name: str) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("netproxy is not running")
+        done = threading.Event()
+        self._cmds.put((name, done))
+        self._wake_w.send(b"x")
+        if not done.wait(10):
+            raise TimeoutError(f"netproxy did not apply {name}")
+
+    # -- the selector thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            running = True
+            while running:
+                self._update_interest()
+                for key, events in self._sel.select(timeout=1.0):
+                    data = key.data
+                    if data == _LISTEN:
+                        self._accept()
+                    elif data == _WAKE:
+                        running = self._run_commands()
+                    else:
+                        conn, side = data
+                        if conn.closed:
+                            continue
+                        if events & selectors.EVENT_WRITE:
+                            self._send(conn, side)
+                        if events & selectors.EVENT_READ and not conn.closed:
+                            self._recv(conn, side)
+                self._conns = [c for c in self._conns if not c.closed]
+        finally:
+            for c in self._conns:
+                c.close()
+            self._conns = []
+            self._sel.close()
+            for s in (self._listener, self._wake_r, self._wake_w):
+                s.close()
+            # a caller still waiting for a command must not hang
+            while not self._cmds.empty():
+                self._cmds.get_nowait()[1].set()
+
+    def _run_commands(self) -> bool:
+        try:
+            self._wake_r.recv(4096)
+        except BlockingIOError:
+            pass
+        running = True
+        while True:
+            try:
+                name, done = self._cmds.get_nowait()
+            except queue.Empty:
+                return running
+            if name == "cut":
+                self._cut = True
+            elif name == "restore":
+                self._cut = False
+                for c in self._conns:
+                    if not c.closed and c.socks[1] is None:
+                        self._connect_target(c)
+            elif name == "drop":
+                for c in self._conns:
+                    self._close(c)
+            elif name == "stop":
+                running = False
+            done.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                s, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self.accepted += 1
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c = _Conn(s)
+            self._conns.append(c)
+            if not self._cut:
+                self._connect_target(c)
+
+    def _connect_target(self, c: _Conn) -> None:
+        try:
+            up = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            self._close(c)  # the client sees its connection end, as when the port is closed
+            return
+        up.setblocking(False)
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.socks[1] = up
+
+    def _update_interest(self) -> None:
+        """(Un)register each socket for what it needs now: nothing at all while cut."""
+        want: dict[socket.socket, tuple[int, tuple[_Conn, int]]] = {}
+        if not self._cut:
+            for c in self._conns:
+                if c.closed or c.socks[1] is None:
+                    continue
+                for side in (0, 1):
+                    s = c.socks[side]
+                    assert s is not None
+                    mask = 0
+                    if len(c.out[1 - side]) < _HIGH_WATER:
+                        mask |= selectors.EVENT_READ
+                    if c.out[side]:
+                        mask |= selectors.EVENT_WRITE
+                    if mask:
+                        want[s] = (mask, (c, side))
+        for s in list(self._registered):
+            if s not in want:
+                if s.fileno() != -1:
+                    self._sel.unregister(s)
+                del self._registered[s]
+        for s, (mask, data) in want.items():
+            if s not in self._registered:
+                self._sel.register(s, mask, data)
+            elif self._registered[s] != mask:
+                self._sel.modify(s, mask, data)
+            self._registered[s] = mask
+
+    def _recv(self, c: _Conn, side: int) -> None:
+        s = c.socks[side]
+        assert s is not None
+        try:
+            data = s.recv(_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # One end went away: pass on what it said last, then end the other end too.
+            self._send(c, 1 - side)
+            self._close(c)
+            return
+        c.out[1 - side] += data
+        self._send(c, 1 - side)
+
+    def _send(self, c: _Conn, side: int) -> None:
+        s = c.socks[side]
+        buf = c.out[side]
+        if s is None or not buf or c.closed:
+            return
+        try:
+            n = s.send(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        del buf[:n]
+
+    def _close(self, c: _Conn) -> None:
+        for s in c.socks:
+            if s is not None and s in self._registered:
+                self._sel.unregister(s)
+                del self._registered[s]
+        c.close()
