@@ -5,7 +5,8 @@
 #   {"thing": "dev1", "host": "127.0.0.1", "port": 8883,
 #    "tls": {"ca": "ca.der", "cert": "cert.der", "key": "key.der", "hostname": "localhost"},
 #    "keepalive": 60, "client_id": "dev1",
-#    "progress_min_ms": 5000, "step_timeout_min": null, "handler_timeout_s": 600}
+#    "progress_min_ms": 5000, "step_timeout_min": null, "handler_timeout_s": 600,
+#    "download": {"root": "data", "allow": ["https://my-bucket.s3.amazonaws.com/"], "ca": "..."}}
 # "tls" absent means plain TCP (only for a local broker).
 import json
 import os
@@ -66,6 +67,46 @@ def demo(ctx, doc):
     return {"steps": str(steps)}
 
 
+def _lazy(module, cls, **kw):
+    """A handler whose module is imported on its first job: rarely used code costs no heap
+    until it is needed."""
+    from iotjobs.runner import Handler
+
+    class Lazy(Handler):
+        real = None
+
+        def _get(self):
+            if self.real is None:
+                m = __import__(module, None, None, [cls])
+                self.real = getattr(m, cls)(**kw)
+                self.idempotent = self.real.idempotent
+            return self.real
+
+        def run(self, ctx, doc):
+            return self._get().run(ctx, doc)
+
+        def resume(self, ctx, doc, cp):
+            return self._get().resume(ctx, doc, cp)
+
+        def abort(self, ctx):
+            return self._get().abort(ctx)
+
+    return Lazy()
+
+
+def download_context(cfg):
+    """An SSLContext that verifies download servers with the configured CA (or None)."""
+    ca = (cfg.get("download") or {}).get("ca") or (cfg.get("tls") or {}).get("ca")
+    if not ca:
+        return None
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=_read(ca))
+    return ctx
+
+
 def halt_hook(point):
     """Test aid: stop dead at a named point once (devsim's test kills the process there)."""
     if not point:
@@ -118,7 +159,14 @@ def build(cfg):
         log=log,
     )
     client = JobsClient(transport, cfg["thing"], log=log)
-    handlers = {"demo": demo}
+    dl = cfg.get("download") or {}
+    handlers = {
+        "demo": demo,
+        "reboot": _lazy("iotjobs.reboot", "Reboot"),
+        "download-file": _lazy("iotjobs.download", "Download", root=dl.get("root", "data"),
+                               allow=dl.get("allow", ()),
+                               ssl_context=lambda: download_context(cfg)),
+    }
     if cfg.get("test_handlers"):
         import testhandlers
 

@@ -55,8 +55,16 @@ def mosquitto(tmp_path, pki, procs) -> stack.Mosquitto:
 
 
 @pytest.fixture
-def jobsd(tmp_path, mosquitto, procs) -> stack.Jobsd:
-    j = stack.Jobsd(str(tmp_path / "jobsd"), mosquitto.broker)
+def files(tmp_path):
+    """jobsd's --files folder: s3://BUCKET/KEY is files/BUCKET/KEY."""
+    d = tmp_path / "files"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+@pytest.fixture
+def jobsd(tmp_path, mosquitto, procs, files) -> stack.Jobsd:
+    j = stack.Jobsd(str(tmp_path / "jobsd"), mosquitto.broker, files=str(files))
     procs.append(j)
     return j
 

@@ -131,6 +131,19 @@ class Context:
         self.last_checkpoint = data
         self.runner.journal.checkpoint(self.step, data)
 
+    def fresh_document(self):
+        """This step's document as the service delivers it now (describe): presigned URLs in it
+        are signed afresh. None when the service does not answer."""
+        r = self.runner
+        res, doc = r.client.describe(self.id, True, self.execution_number)
+        ex = doc.get("execution") if res == ACCEPTED else None
+        if not isinstance(ex, dict):
+            return None
+        try:
+            return codec.steps(ex.get("jobDocument"))[self.step][1]
+        except (ValueError, IndexError):
+            return None
+
     def request_reboot(self):
         """Reset the device now; the job resumes after the boot (checkpoint first)."""
         raise _Reboot()
@@ -155,6 +168,7 @@ class Runner:
         retry_ms=2000,
         sleep_ms=time.sleep_ms,
         on_point=None,
+        reset_grace_ms=5000,
     ):
         self.client = client
         self.journal = journal
@@ -171,6 +185,7 @@ class Runner:
         self.retry_ms = retry_ms
         self.sleep_ms = sleep_ms
         self.on_point = on_point
+        self.reset_grace_ms = reset_grace_ms
         self.version = None  # versionNumber of the current execution, as last seen
         self.jobs_done = 0
         self._want_next = True
@@ -414,7 +429,12 @@ class Runner:
                 self.point("before-reset")
                 self.log("job %s: reboot requested by %s" % (job_id, op))
                 self.reset()
-                return  # a reset that returns (a fake one): the next boot resumes
+                # machine.reset() does not return: still running after a grace period means
+                # the reset never came.
+                self.sleep_ms(self.reset_grace_ms)
+                status, details = codec.FAILED, {"reason": "RESET_FAILED",
+                                                 "message": "the device did not reset"}
+                break
             except JobCanceled:
                 self.log("job %s: settled by the service while running: abort" % job_id)
                 try:

@@ -1,0 +1,145 @@
+# The download-file handler: native `{"operation": "download-file", "url": ..., "path": ...,
+# "sha256": ..., "size": ...}` and the AWS-Download-File template (`download-file.sh` with
+# args [downloadUrl, filePath]). Streams through one reused buffer into `<path>.part`, hashing
+# as it goes, checkpoints the offset now and then so a power cut resumes with HTTP Range, checks
+# size and sha256, then renames into place (atomic). The target is confined to the configured
+# folder; the URL must match the configured allowlist.
+import binascii
+import hashlib
+import os
+from micropython import const
+from .runner import Handler, JobFailed, JobRejected
+from . import http
+
+_BUF = const(1024)
+_CHECKPOINT_EVERY = const(64 * 1024)  # bytes between journal writes (flash wear vs rework)
+
+
+def confine(root, path):
+    """`root/path` for a relative path without `..` or empty parts; JobRejected otherwise."""
+    if not isinstance(path, str) or not path or path[0] == "/" or "\\" in path or "\x00" in path:
+        raise JobRejected("BAD_PATH", "path must be relative to the download folder")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise JobRejected("BAD_PATH", "path must not contain empty, . or .. parts")
+    return root.rstrip("/") + "/" + path
+
+
+def _mkdirs(path):
+    d = path[: path.rfind("/")]
+    if not d:
+        return
+    parts = d.split("/")
+    cur = ""
+    for p in parts:
+        cur = p if not cur else cur + "/" + p
+        try:
+            os.mkdir(cur)
+        except OSError:
+            pass
+
+
+def _size(path):
+    try:
+        return os.stat(path)[6]
+    except OSError:
+        return 0
+
+
+class Download(Handler):
+    idempotent = True  # a re-run continues from the .part file, and placing is a rename
+
+    def __init__(self, root="data", allow=(), ssl_context=None, buf=None):
+        self.root = root
+        self.allow = allow
+        self.ssl_context = ssl_context
+        self.buf = buf or bytearray(_BUF)
+
+    def _args(self, doc):
+        args = doc.get("args")
+        if isinstance(args, list):  # AWS-Download-File: [downloadUrl, filePath]
+            url = args[0] if len(args) > 0 else None
+            path = args[1] if len(args) > 1 else None
+            return url, path, None, None
+        return doc.get("url"), doc.get("path"), doc.get("sha256"), doc.get("size")
+
+    def run(self, ctx, doc):
+        url, path, sha, size = self._args(doc)
+        if not isinstance(url, str):
+            raise JobRejected("BAD_ARGUMENT", "url missing")
+        if not http.allowed(url, self.allow):
+            raise JobRejected("URL_NOT_ALLOWED", "the URL is outside the download allowlist")
+        if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+            raise JobRejected("BAD_ARGUMENT", "sha256 must be 64 hex digits")
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise JobRejected("BAD_ARGUMENT", "size must be a non-negative integer")
+        target = confine(self.root, path)
+        part = target + ".part"
+        _mkdirs(part)
+        try:
+            total, h = self._fetch(ctx, url, part)
+        except http.HttpError as e:
+            if e.status != 403:
+                raise JobFailed("DOWNLOAD_FAILED", e.reason)
+            # An expired presigned URL: the service signs a fresh one with the document.
+            fresh = ctx.fresh_document()
+            url2 = self._args(fresh)[0] if isinstance(fresh, dict) else None
+            if not isinstance(url2, str) or url2 == url or not http.allowed(url2, self.allow):
+                raise JobFailed("DOWNLOAD_FAILED", e.reason)
+            try:
+                total, h = self._fetch(ctx, url2, part)
+            except http.HttpError as e2:
+                raise JobFailed("DOWNLOAD_FAILED", e2.reason)
+        if size is not None and total != size:
+            os.remove(part)
+            raise JobFailed("SIZE_MISMATCH", "got %d bytes, expected %d" % (total, size))
+        digest = binascii.hexlify(h.digest()).decode()
+        if sha is not None and digest != sha.lower():
+            os.remove(part)
+            raise JobFailed("HASH_MISMATCH", "sha256 of the download differs")
+        os.rename(part, target)
+        ctx.point("download-placed")
+        return {"path": path, "size": str(total), "sha256": digest}
+
+    def _hash_file(self, path, h, n):
+        mv = memoryview(self.buf)
+        with open(path, "rb") as f:
+            while n > 0:
+                k = f.readinto(mv[: min(n, len(mv))])
+                if not k:
+                    break
+                h.update(mv[:k])
+                n -= k
+
+    def _fetch(self, ctx, url, part):
+        """Download into `part`, continuing after what it holds; (total bytes, sha256 object)."""
+        have = _size(part)
+        r = http.get(url, self.ssl_context, have)
+        try:
+            h = hashlib.sha256()
+            if r.status == 200 and have:  # the server ignored the Range: start over
+                have = 0
+                with open(part, "wb"):
+                    pass
+            elif have:
+                self._hash_file(part, h, have)  # resume: hash what survived
+            mv = memoryview(self.buf)
+            since = 0
+            with open(part, "ab") as f:
+                while True:
+                    n = r.readinto(mv)
+                    if not n:
+                        break
+                    f.write(mv[:n])
+                    h.update(mv[:n])
+                    have += n
+                    since += n
+                    if since >= _CHECKPOINT_EVERY:
+                        f.flush()
+                        since = 0
+                        ctx.checkpoint({"off": have})
+                        ctx.point("download-checkpoint")
+                        ctx.progress(bytes=str(have))
+            return have, h
+        finally:
+            r.close()
