@@ -30,3 +30,33 @@ def feed_watchdog():
 
 def sleep_ms(ms):
     time.sleep_ms(ms)
+
+
+# -- OTA: esp32.Partition on a board; here the twin whose files tools/devsim (the bootloader)
+# keeps. Imported on first use, so a device that never updates pays no heap for it.
+def partition_class():
+    """esp32.Partition: Partition(Partition.RUNNING).get_next_update(), writeblocks, set_boot,
+    Partition.mark_app_valid_cancel_rollback()."""
+    import esp32sim
+
+    return esp32sim.Partition
+
+
+def ota_state():
+    """{"slot": "ota_1", "version": "1.2.0", "pending": bool, "rolled_back": bool,
+    "last_invalid": {"slot", "state", "version"} or None, "flags": {...}}; None without OTA
+    partitions. `pending`: this image must confirm itself (mark_app_valid_cancel_rollback) or
+    the next reset rolls it back; `rolled_back`: at this boot the bootloader abandoned an
+    unconfirmed image (`last_invalid` says which, and stays until that slot is reused)."""
+    import esp32sim
+
+    try:
+        return esp32sim.ota_state()
+    except OSError:
+        return None
+
+
+def firmware_version():
+    """The running image's version string (its header), or None without OTA partitions."""
+    st = ota_state()
+    return st["version"] if st else None

@@ -2,14 +2,34 @@
 
 Like an ESP32 it boots, runs main, and boots again after a reset (platform.reset() ends the
 process with RESET_EXIT) or a crash. The device sees only its flash folder (cwd) and the
-compiled code in build/mpy/host (its frozen modules, in board terms)."""
+compiled code in build/mpy/host (its frozen modules, in board terms).
+
+devsim is also the device's bootloader. Beside the flash folder, `<flash>.ota/` holds what an
+ESP32 with the 4 MB OTA partition table keeps outside its filesystem: the partition table
+(`partitions.json`), two app slots (`ota_0.bin`, `ota_1.bin`; bytes past a file's end are
+erased flash) and `otadata.json`. The firmware reaches them through firmware/esp32sim.py (the
+esp32.Partition twin). At every boot devsim does what the ESP-IDF bootloader does with app
+rollback enabled: the slot otadata selects goes NEW -> PENDING_VERIFY; if it is still
+PENDING_VERIFY (the image booted and never called mark_app_valid_cancel_rollback) it becomes
+ABORTED and the other slot boots; a slot whose image fails verification (magic, lengths,
+SHA-256) is never booted. The code that runs is always build/mpy/host; the image in the slot
+decides the firmware's version and flags. The firmware learns the outcome from the environment
+(IOTJOBS_OTA, IOTJOBS_RUNNING, IOTJOBS_ROLLED_BACK) and otadata.
+
+Image format (make_image() builds one): block 0 is a header, then the payload from byte 4096:
+  0  b"IJFW"   4  u16 format (1)   6  u16 metadata length M   8  u32 payload length P
+  12 sha256(metadata || payload)   44 metadata: JSON object {"version": "1.2.0", ...flags}
+  44+M..4095 0xFF                  4096 payload (P bytes)
+Flags are free-form metadata the firmware can read (tests use {"selftest": "fail"})."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +39,140 @@ from .build import build
 
 RESET_EXIT = 3  # firmware/platform.py
 TLS_FILES = ("ca.der", "cert.der", "key.der")
+
+BLOCK = 4096
+SLOT_SIZE = 0x180000  # ota_0 and ota_1 of MicroPython's 4 MiB OTA table (1.5 MiB each)
+FIRST_SLOT_ADDR = 0x10000
+APP_TYPE, OTA_0_SUBTYPE = 0, 0x10
+MAGIC = b"IJFW"
+_HEAD = struct.Struct("<4sHHI32s")  # 44 bytes
+FACTORY_VERSION = "1.0.0"
+# otadata states (esp_ota_img_states_t)
+NEW, PENDING_VERIFY, VALID = "NEW", "PENDING_VERIFY", "VALID"
+INVALID, ABORTED, UNDEFINED = "INVALID", "ABORTED", "UNDEFINED"
+
+
+# -- firmware images -------------------------------------------------------------------------------
+def make_image(version: str, payload: bytes | None = None, size: int | None = None,
+               **flags: str) -> bytes:
+    """An app image: the header block, then `payload` (or random bytes making the whole image
+    `size` bytes long, e.g. 1 MiB for benchmarks). Keyword flags go into the metadata."""
+    meta = json.dumps({"version": version, **flags}, separators=(",", ":")).encode()
+    if _HEAD.size + len(meta) > BLOCK:
+        raise ValueError("image metadata does not fit the header block")
+    if payload is None:
+        payload = os.urandom(max(0, (size or 2 * BLOCK) - BLOCK))
+    digest = hashlib.sha256(meta + payload).digest()
+    head = _HEAD.pack(MAGIC, 1, len(meta), len(payload), digest) + meta
+    return head + b"\xff" * (BLOCK - len(head)) + payload
+
+
+def parse_image(data: bytes) -> dict | None:
+    """The metadata of a valid image (what the bootloader checks), else None. `data` may carry
+    trailing bytes (a whole slot)."""
+    if len(data) < BLOCK:
+        return None
+    magic, fmt, mlen, plen, digest = _HEAD.unpack_from(data)
+    if magic != MAGIC or fmt != 1 or _HEAD.size + mlen > BLOCK or len(data) < BLOCK + plen:
+        return None
+    meta = data[_HEAD.size:_HEAD.size + mlen]
+    if hashlib.sha256(meta + data[BLOCK:BLOCK + plen]).digest() != digest:
+        return None
+    try:
+        info = json.loads(meta)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("version"), str) else None
+
+
+# -- OTA slots and the bootloader --------------------------------------------------------------------
+def ota_dir(flash: str) -> str:
+    """The folder beside the flash folder that holds the partition table, slots and otadata."""
+    return os.path.normpath(flash) + ".ota"
+
+
+def _write_json(path: str, obj: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def provision_ota(folder: str, slot_size: int = SLOT_SIZE, version: str = FACTORY_VERSION) -> None:
+    """As esptool flashes a new board: the partition table, the factory image in ota_0, an
+    empty ota_1 and erased otadata. An existing folder is left alone (flash persists)."""
+    table = os.path.join(folder, "partitions.json")
+    if os.path.exists(table):
+        return
+    if slot_size % BLOCK or slot_size < 2 * BLOCK:
+        raise ValueError("slot size must be a multiple of 4096, at least 8192")
+    os.makedirs(folder, exist_ok=True)
+    image = make_image(version, payload=hashlib.sha256(version.encode()).digest() * 256)
+    with open(os.path.join(folder, "ota_0.bin"), "wb") as f:
+        f.write(image)
+    open(os.path.join(folder, "ota_1.bin"), "wb").close()
+    _write_json(table, [{"label": f"ota_{i}", "type": APP_TYPE, "subtype": OTA_0_SUBTYPE + i,
+                         "addr": FIRST_SLOT_ADDR + i * slot_size, "size": slot_size}
+                        for i in range(2)])
+
+
+def read_otadata(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, "otadata.json")) as f:
+            od = json.load(f)
+        if isinstance(od, dict) and isinstance(od.get("state"), dict):
+            return od
+    except (OSError, ValueError):
+        pass
+    return {"seq": 0, "boot": None, "state": {}}
+
+
+def slot_image(folder: str, label: str) -> dict | None:
+    """The metadata of the valid image in slot `label`, else None."""
+    try:
+        with open(os.path.join(folder, label + ".bin"), "rb") as f:
+            return parse_image(f.read())
+    except OSError:
+        return None
+
+
+class BootChoice:
+    def __init__(self, slot: str | None, image: dict | None, rolled_back: str | None,
+                 state: str) -> None:
+        self.slot = slot  # None: nothing bootable
+        self.image = image
+        self.rolled_back = rolled_back  # the slot abandoned at this boot
+        self.state = state  # the running slot's otadata state
+
+
+def bootloader(folder: str) -> BootChoice:
+    """Pick the slot to run and update otadata, as the ESP-IDF bootloader with app rollback."""
+    with open(os.path.join(folder, "partitions.json")) as f:
+        labels = [p["label"] for p in json.load(f) if p["type"] == APP_TYPE]
+    od = read_otadata(folder)
+    state = od["state"]
+    boot = od.get("boot")
+    aborted = None
+    if boot in labels:
+        if state.get(boot) == PENDING_VERIFY:  # booted before and never confirmed: roll back
+            state[boot] = ABORTED
+            aborted = boot
+            _write_json(os.path.join(folder, "otadata.json"), od)
+        elif state.get(boot) == NEW:
+            state[boot] = PENDING_VERIFY
+            _write_json(os.path.join(folder, "otadata.json"), od)
+    candidates = []
+    if boot in labels and state.get(boot) not in (INVALID, ABORTED):
+        candidates.append(boot)
+    candidates += [s for s in labels
+                   if s != boot and state.get(s, UNDEFINED) in (VALID, UNDEFINED)]
+    for slot in candidates:
+        image = slot_image(folder, slot)
+        if image is not None:
+            return BootChoice(slot, image, aborted if aborted != slot else None,
+                              state.get(slot, UNDEFINED))
+        print(f"devsim: bootloader: {slot} holds no valid image; skipped", flush=True)
+    return BootChoice(None, None, aborted, UNDEFINED)
 
 
 def provision(flash: str, thing: str, broker: str, tls: str | None, keepalive: int = 60,
@@ -47,17 +201,31 @@ def provision(flash: str, thing: str, broker: str, tls: str | None, keepalive: i
 
 
 class Devsim:
-    def __init__(self, flash: str, heap: str) -> None:
+    def __init__(self, flash: str, heap: str, ota: str | None = None) -> None:
         self.flash = flash
         self.heap = heap
+        self.ota = os.path.abspath(ota or ota_dir(flash))
         self.child: subprocess.Popen | None = None
         self.stopping = False
         self.boots = 0
 
-    def boot(self) -> int:
+    def boot(self) -> int | None:
+        """One boot: the bootloader's choice, then the firmware until it ends. None when no
+        slot holds a bootable image (the board is bricked)."""
         code = build("host")
+        choice = bootloader(self.ota)
+        if choice.rolled_back:
+            print(f"devsim: rollback: {choice.rolled_back} was not confirmed", flush=True)
+        if choice.slot is None or choice.image is None:
+            print("devsim: bootloader: no bootable app partition; halted", flush=True)
+            return None
+        print(f"devsim: bootloader: {choice.slot} version {choice.image['version']} "
+              f"({choice.state})", flush=True)
         env = dict(os.environ)
         env["MICROPYPATH"] = ".frozen:" + code
+        env["IOTJOBS_OTA"] = self.ota
+        env["IOTJOBS_RUNNING"] = choice.slot
+        env["IOTJOBS_ROLLED_BACK"] = choice.rolled_back or ""
         self.boots += 1
         self.child = subprocess.Popen(
             [os.path.join(VENV_BIN, "micropython"), "-X", f"heapsize={self.heap}", "-m", "main"],
@@ -81,6 +249,10 @@ class Devsim:
             rc = self.boot()
             if self.stopping:
                 break
+            if rc is None:
+                while not self.stopping:  # bricked: stays dead until stopped
+                    time.sleep(0.2)
+                break
             if rc == RESET_EXIT:
                 print("devsim: reset", flush=True)
             else:
@@ -101,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keepalive", type=int, default=60, help="MQTT keepalive, seconds")
     ap.add_argument("--config", default="{}",
                     help="JSON object merged into the device's config.json on first start")
+    ap.add_argument("--ota", help="folder of the OTA slots and otadata (default: <flash>.ota)")
+    ap.add_argument("--slot-size", type=lambda v: int(v, 0), default=SLOT_SIZE,
+                    help="bytes per OTA app slot on first start (default 0x180000)")
+    ap.add_argument("--factory-version", default=FACTORY_VERSION,
+                    help="version of the image flashed into ota_0 on first start")
     args = ap.parse_args(argv)
     try:
         extra = json.loads(args.config)
@@ -115,4 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"devsim: --tls {args.tls} lacks {', '.join(missing)}", file=sys.stderr)
             return 2
     provision(args.flash, args.thing, args.broker, args.tls, args.keepalive, extra)
-    return Devsim(args.flash, args.heap).run()
+    ota = args.ota or ota_dir(args.flash)
+    try:
+        provision_ota(ota, args.slot_size, args.factory_version)
+    except ValueError as e:
+        print(f"devsim: --slot-size: {e}", file=sys.stderr)
+        return 2
+    return Devsim(args.flash, args.heap, ota).run()
