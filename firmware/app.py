@@ -6,7 +6,8 @@
 #    "tls": {"ca": "ca.der", "cert": "cert.der", "key": "key.der", "hostname": "localhost"},
 #    "keepalive": 60, "client_id": "dev1",
 #    "progress_min_ms": 5000, "step_timeout_min": null, "handler_timeout_s": 600,
-#    "download": {"root": "data", "allow": ["https://my-bucket.s3.amazonaws.com/"], "ca": "..."}}
+#    "download": {"root": "data", "allow": ["https://my-bucket.s3.amazonaws.com/"], "ca": "..."},
+#    "ota": {"pubkey": "certs/ota-pub.der", "allow": [...]}}
 # "tls" absent means plain TCP (only for a local broker).
 import json
 import os
@@ -160,7 +161,13 @@ def build(cfg):
     )
     client = JobsClient(transport, cfg["thing"], log=log)
     dl = cfg.get("download") or {}
+    ota = cfg.get("ota") or {}
+    ota_kw = {"platform": platform, "pubkey": _read(ota["pubkey"]) if ota.get("pubkey") else None,
+              "allow": ota.get("allow", dl.get("allow", ())),
+              "ssl_context": lambda: download_context(cfg)}
     handlers = {
+        "ota": _lazy("iotjobs.ota", "Ota", **ota_kw),
+        "afr_ota": _lazy("iotjobs.ota", "Ota", **ota_kw),
         "demo": demo,
         "reboot": _lazy("iotjobs.reboot", "Reboot"),
         "download-file": _lazy("iotjobs.download", "Download", root=dl.get("root", "data"),
@@ -190,4 +197,24 @@ def main():
     log("iotjobs on %s, thing %s" % (platform.NAME, cfg["thing"]))
     platform.connect_network(cfg, log)
     runner = build(cfg)
+    selftest(runner, cfg)
     runner.run()
+
+
+def selftest(runner, cfg):
+    """A new firmware image confirms itself once it has reached the broker and the jobs service
+    (the first answer to a request); one that fails its self-test resets at once, and the
+    bootloader returns to the previous image. Before the confirmation no reset may happen."""
+    st = platform.ota_state()
+    if not st or not st.get("pending"):
+        return
+    log("firmware %s is on trial (slot %s)" % (st.get("version"), st.get("slot")))
+    if (st.get("flags") or {}).get("selftest") == "fail":
+        log("self-test failed: back to the previous image")
+        platform.reset()
+
+    def confirm():
+        platform.partition_class().mark_app_valid_cancel_rollback()
+        log("self-test passed: firmware %s confirmed" % st.get("version"))
+
+    runner.on_online = confirm

@@ -313,16 +313,17 @@ def verify(part):
     meta = bytearray(mlen)
     part.readblocks(0, meta, _HEAD)
     h = hashlib.sha256(meta)
-    chunk = bytearray(BLOCK)
-    block = 1
+    # A small chunk: the real bootloader checks the image in C, off the MicroPython heap.
+    chunk = _buf()
+    mv = memoryview(chunk)
+    off = BLOCK
     left = plen
     while left > 0:
-        if left < BLOCK:
-            chunk = bytearray(left)
-        part.readblocks(block, chunk)
-        h.update(chunk)
-        left -= len(chunk)
-        block += 1
+        n = min(left, len(chunk))
+        part.readblocks(off // BLOCK, mv[:n], off % BLOCK)
+        h.update(mv[:n])
+        left -= n
+        off += n
     if h.digest() != bytes(head[12:44]):
         return None
     try:

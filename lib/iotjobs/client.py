@@ -30,6 +30,7 @@ class JobsClient:
         # False when the queue emptied, None when none came. Not parsed: only the trigger matters.
         self.next_event = None
         self.on_sent = None  # called with the request's accepted code once it is published
+        self.replied = False
         self.dropped = 0  # messages that were foreign, stale or malformed
         transport.set_callback(self._on_message)
 
@@ -62,6 +63,7 @@ class JobsClient:
             return
         if doc.get("clientToken") == self._token:
             self._reply = (ACCEPTED if code == want else REJECTED, doc)
+            self.replied = True  # the jobs service answers: the firmware's self-test can pass
             return
         self.dropped += 1  # a reply to a request we no longer wait for
 

@@ -186,6 +186,7 @@ class Runner:
         self.sleep_ms = sleep_ms
         self.on_point = on_point
         self.reset_grace_ms = reset_grace_ms
+        self.on_online = None
         self.version = None  # versionNumber of the current execution, as last seen
         self.jobs_done = 0
         self._want_next = True
@@ -254,6 +255,9 @@ class Runner:
 
     def step(self):
         """One turn of the loop."""
+        if self.on_online is not None and self.client.replied:
+            cb, self.on_online = self.on_online, None
+            cb()  # the service answered once since boot (the new firmware's self-test)
         if self._waiting():
             return
         j = self.journal

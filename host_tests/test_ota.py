@@ -1,0 +1,128 @@
+"""Firmware OTA on a simulated ESP32 (devsim is the bootloader: two slots, pending-verify,
+rollback) against jobsd's file server: signed images, failures that leave the running firmware
+untouched, rollback of an image that fails its self-test, power cuts during the download."""
+import base64
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from conftest import ROOT, stack, thing_arn, wait_execution
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from iotjobs_host.devsim import make_image, ota_dir, read_otadata  # noqa: E402
+
+TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "REMOVED"}
+KEY = ec.generate_private_key(ec.SECP256R1())
+OTHER = ec.generate_private_key(ec.SECP256R1())
+
+
+def sign(data, key=KEY):
+    return base64.b64encode(key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
+
+
+def presigned(key):
+    return "${aws:iot:s3-presigned-url:https://s3.amazonaws.com/fw/%s}" % key
+
+
+@pytest.fixture
+def ota_device(tmp_path, device, iot):
+    pub = tmp_path / "ota-pub.der"
+    pub.write_bytes(KEY.public_key().public_bytes(serialization.Encoding.DER,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def start(thing, docs, extra=None):
+        iot.create_thing(thingName=thing)
+        for i, doc in enumerate(docs):
+            iot.create_job(jobId=f"{thing}-{i}", targets=[thing_arn(thing)], document=json.dumps(doc))
+        cfg = {"ota": {"pubkey": str(pub), "allow": ["http://127.0.0.1:"]}, "progress_min_ms": 0}
+        cfg.update(extra or {})
+        return device(thing, config=cfg, heap="128K")
+
+    return start
+
+
+def publish(files, name, image):
+    p = files / "fw" / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(image)
+
+
+def native(name, image, version, **over):
+    doc = {"operation": "ota", "url": presigned(name), "size": len(image),
+           "sha256": hashlib.sha256(image).hexdigest(), "signature": sign(image), "version": version}
+    doc.update(over)
+    return doc
+
+
+def result(iot, dev, thing, i, timeout=60):
+    ex = wait_execution(iot, f"{thing}-{i}", thing, TERMINAL, timeout, device=dev)
+    return ex["status"], ex.get("statusDetails", {}).get("detailsMap", {})
+
+
+def test_ota_happy_path_native_then_afr_ota(jobsd, iot, files, ota_device):
+    img2 = make_image("2.0.0", size=256 * 1024)
+    img3 = make_image("3.0.0", size=200 * 1024 + 123)
+    publish(files, "v2.bin", img2)
+    publish(files, "v3.bin", img3)
+    afr = {"afr_ota": {"protocols": ["HTTP"], "files": [{"filepath": "v3.bin", "filesize": len(img3),
+           "fileid": 0, "certfile": "signer", "update_data_url": presigned("v3.bin"),
+           "auth_scheme": "aws.s3.presigned", "sig-sha256-ecdsa": sign(img3)}]}}
+    dev = ota_device("ota-ok", [native("v2.bin", img2, "2.0.0"), afr])
+    status, details = result(iot, dev, "ota-ok", 0)
+    assert status == "SUCCEEDED" and details["version"] == "2.0.0", details
+    status, details = result(iot, dev, "ota-ok", 1)
+    assert status == "SUCCEEDED" and details["version"] == "3.0.0", details
+    log = dev.log_text(10**7)
+    assert "firmware 3.0.0 confirmed" in log or "ota" in log
+
+
+@pytest.mark.parametrize("name,mutate,reason", [
+    ("hash", lambda d, img: d.update(sha256="0" * 64), "HASH_MISMATCH"),
+    ("sig", lambda d, img: d.update(signature=sign(img, OTHER)), "BAD_SIGNATURE"),
+    ("size", lambda d, img: d.update(size=len(img) - 10), "SIZE_MISMATCH"),
+    ("404", lambda d, img: d.update(url=presigned("missing.bin")), "DOWNLOAD_FAILED"),
+    ("allow", lambda d, img: d.update(url="http://example.com/v2.bin"), "URL_NOT_ALLOWED"),
+    ("downgrade", lambda d, img: d.update(version="0.9.0"), "DOWNGRADE"),
+    ("nosig", lambda d, img: d.pop("signature"), "NO_SIGNATURE"),
+])
+def test_ota_failures_keep_the_running_firmware(jobsd, iot, files, ota_device, name, mutate, reason):
+    img = make_image("2.0.0", size=64 * 1024)
+    publish(files, "v2.bin", img)
+    doc = native("v2.bin", img, "2.0.0")
+    mutate(doc, img)
+    thing = "ota-" + name
+    dev = ota_device(thing, [doc, {"operation": "demo", "steps": 0}])
+    status, details = result(iot, dev, thing, 0)
+    assert status in ("FAILED", "REJECTED") and details.get("reason") == reason, details
+    assert result(iot, dev, thing, 1)[0] == "SUCCEEDED"
+    assert len(dev.boots()) == 1, "a failed OTA never resets the device"
+    od = read_otadata(ota_dir(dev.flash))
+    assert not od or od.get("boot") in (None, "ota_0"), od  # still the factory slot
+
+
+def test_image_failing_its_self_test_is_rolled_back(jobsd, iot, files, ota_device):
+    img = make_image("2.0.0", size=64 * 1024, selftest="fail")
+    publish(files, "bad.bin", img)
+    dev = ota_device("ota-rb", [native("bad.bin", img, "2.0.0"), {"operation": "demo", "steps": 0}])
+    status, details = result(iot, dev, "ota-rb", 0)
+    assert status == "FAILED" and details["reason"] == "rolled_back", details
+    assert details["version"] == "1.0.0"
+    assert result(iot, dev, "ota-rb", 1)[0] == "SUCCEEDED"
+    assert "rollback" in dev.log_text(10**7)
+
+
+@pytest.mark.parametrize("point", ["ota-checkpoint", "ota-verified", "before-reset", "ota-confirmed"])
+def test_ota_power_cut_resumes(jobsd, iot, files, ota_device, point):
+    img = make_image("2.0.0", size=300 * 1024)
+    publish(files, "v2.bin", img)
+    thing = "ota-cut-" + point
+    dev = ota_device(thing, [native("v2.bin", img, "2.0.0")], {"test_handlers": True, "halt_at": point})
+    stack.wait_until(lambda: f"@@HALT {point}" in dev.log_text(10**7), 60, "the halt")
+    dev.power_cut()
+    status, details = result(iot, dev, thing, 0, 90)
+    assert status == "SUCCEEDED" and details["version"] == "2.0.0", (details, dev.log_text())

@@ -1,0 +1,210 @@
+# Firmware OTA into the ESP32's other app slot (esp32.Partition, reached through the platform
+# module). Documents: native `{"operation": "ota", "url", "size", "sha256", "signature",
+# "version", "allowDowngrade"}` and AWS OTA's `{"afr_ota": {"files": [{"update_data_url",
+# "filesize", "sig-sha256-ecdsa"}]}}` (HTTP protocol).
+#
+# Streams the image block by block through one reused 4 KB buffer into the next OTA slot,
+# hashing as it writes, checkpointing the offset every 16 blocks (a power cut resumes with HTTP
+# Range after re-hashing what the slot holds). Before set_boot: size, SHA-256 and the ECDSA
+# P-256 signature over the image (as AWS code signing makes it) with the configured public key.
+# Then reboot; the new image confirms itself after its self-test (firmware/app.py). After the
+# boot, the slot that runs tells: the new one -> SUCCEEDED with its version; the old one (the
+# bootloader rolled back an image that never confirmed) -> FAILED rolled_back. Nothing touches
+# the running slot, so every failure leaves the running firmware as it was.
+import binascii
+import hashlib
+from micropython import const
+from .runner import Handler, JobFailed, JobRejected
+from . import http
+
+_CHECKPOINT_BLOCKS = const(16)
+
+
+def params(doc):
+    """(url, size, sha256 hex or None, signature bytes, version or None, downgrade ok)."""
+    ota = doc.get("afr_ota")
+    if isinstance(ota, dict):
+        files = ota.get("files")
+        f = files[0] if isinstance(files, list) and files and isinstance(files[0], dict) else {}
+        url, size, sig = f.get("update_data_url"), f.get("filesize"), f.get("sig-sha256-ecdsa")
+        sha, version, down = None, doc.get("version"), False
+    else:
+        url, size, sig = doc.get("url"), doc.get("size"), doc.get("signature")
+        sha, version, down = doc.get("sha256"), doc.get("version"), doc.get("allowDowngrade") is True
+    if not isinstance(url, str):
+        raise JobRejected("BAD_ARGUMENT", "url missing")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise JobRejected("BAD_ARGUMENT", "size must be a positive integer")
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+        raise JobRejected("BAD_ARGUMENT", "sha256 must be 64 hex digits")
+    if not isinstance(sig, str) or not sig:
+        raise JobRejected("NO_SIGNATURE", "the image must be signed")
+    try:
+        sig = binascii.a2b_base64(sig)
+    except ValueError:
+        raise JobRejected("BAD_SIGNATURE", "signature is not base64")
+    if version is not None and not isinstance(version, str):
+        raise JobRejected("BAD_ARGUMENT", "version must be a string")
+    return url, size, sha, sig, version, down
+
+
+def newer(a, b):
+    """True when version a is newer than b (dot-separated numbers; other text compares as 0)."""
+    def parts(v):
+        out = []
+        for p in v.split("."):
+            n = 0
+            for c in p:
+                if "0" <= c <= "9":
+                    n = n * 10 + ord(c) - 48
+                else:
+                    break
+            out.append(n)
+        return out
+
+    pa, pb = parts(a), parts(b)
+    while len(pa) < len(pb):
+        pa.append(0)
+    while len(pb) < len(pa):
+        pb.append(0)
+    return pa > pb
+
+
+class Ota(Handler):
+    def __init__(self, platform, pubkey, allow=(), ssl_context=None):
+        self.platform = platform
+        self.pubkey = pubkey  # bytes of the signer's public key (raw point, DER or PEM)
+        self.allow = allow
+        self.ssl_context = ssl_context
+        self.buf = None
+
+    def run(self, ctx, doc):
+        return self._download(ctx, doc, 0)
+
+    def resume(self, ctx, doc, cp):
+        phase = cp.get("phase") if isinstance(cp, dict) else None
+        if phase == "download":
+            return self._download(ctx, doc, cp.get("off", 0))
+        if phase != "reboot":
+            return self.run(ctx, doc)
+        if ctx.boot == cp.get("boot"):
+            ctx.request_reboot()  # cut after the checkpoint, before the reset: reset now
+        st = self.platform.ota_state() or {}
+        if st.get("slot") == cp.get("slot"):
+            if st.get("pending"):
+                # Confirm before reporting: the service has just answered (the boot's describe),
+                # which is the self-test; a cut between the two re-runs this, never the reverse
+                # (SUCCEEDED reported by an image the bootloader then throws away).
+                self.platform.partition_class().mark_app_valid_cancel_rollback()
+                ctx.point("ota-confirmed")
+            return {"version": str(self.platform.firmware_version()), "slot": st.get("slot")}
+        bad = st.get("last_invalid") or {}
+        raise JobFailed("rolled_back", "the new image did not confirm itself; running %s"
+                        % st.get("slot"), version=str(self.platform.firmware_version()),
+                        image=str(bad.get("version")))
+
+    def _download(self, ctx, doc, off):
+        url, size, sha, sig, version, down = params(doc)
+        if not http.allowed(url, self.allow):
+            raise JobRejected("URL_NOT_ALLOWED", "the URL is outside the OTA allowlist")
+        if not self.pubkey:
+            raise JobRejected("NO_PUBLIC_KEY", "no signing key configured")
+        running = self.platform.firmware_version()
+        if version and running and not down and not newer(version, running):
+            raise JobRejected("DOWNGRADE", "%s is not newer than %s" % (version, running))
+        P = self.platform.partition_class()
+        slot = P(P.RUNNING).get_next_update()
+        bs = slot.ioctl(5, 0)
+        if size > slot.ioctl(4, 0) * bs:
+            raise JobRejected("TOO_LARGE", "the image does not fit the OTA slot")
+        label = slot.info()[4]
+        buf = self.buf
+        if buf is None or len(buf) != bs:
+            import gc
+
+            gc.collect()  # one contiguous block, allocated once and kept for every update
+            buf = self.buf = bytearray(bs)
+        mv = memoryview(buf)
+        h = hashlib.sha256()
+        off -= off % bs
+        for b in range(off // bs):  # resume: hash what the slot already holds
+            slot.readblocks(b, buf)
+            n = min(bs, size - b * bs)
+            h.update(mv[:n])
+        if off == 0:
+            ctx.checkpoint({"phase": "download", "off": 0, "slot": label})
+        total = self._stream(ctx, url, slot, label, off, size, buf, h)
+        if total != size:
+            raise JobFailed("SIZE_MISMATCH", "got %d bytes, expected %d" % (total, size))
+        digest = h.digest()
+        if sha is not None and binascii.hexlify(digest).decode() != sha.lower():
+            raise JobFailed("HASH_MISMATCH", "sha256 of the image differs")
+        from . import ecdsa
+
+        if not ecdsa.verify(self.pubkey, sig, digest=digest):
+            raise JobFailed("BAD_SIGNATURE", "the image signature does not verify")
+        ctx.point("ota-verified")
+        try:
+            slot.set_boot()
+        except OSError as e:
+            raise JobFailed("BAD_IMAGE", "the bootloader refused the image (%s)" % (e,))
+        ctx.checkpoint({"phase": "reboot", "slot": label, "boot": ctx.boot, "version": version})
+        ctx.progress(True, step="rebooting", slot=label)
+        ctx.request_reboot()
+
+    def _stream(self, ctx, url, slot, label, off, size, buf, h):
+        try:
+            r = http.get(url, self.ssl_context, off)
+        except http.HttpError as e:
+            if e.status == 403:  # an expired presigned URL: describe signs a fresh one
+                fresh = ctx.fresh_document()
+                try:
+                    url = params(fresh)[0] if isinstance(fresh, dict) else None
+                except JobRejected:
+                    url = None
+                if url and http.allowed(url, self.allow):
+                    try:
+                        r = http.get(url, self.ssl_context, off)
+                    except http.HttpError as e2:
+                        raise JobFailed("DOWNLOAD_FAILED", e2.reason)
+                else:
+                    raise JobFailed("DOWNLOAD_FAILED", e.reason)
+            else:
+                raise JobFailed("DOWNLOAD_FAILED", e.reason)
+        bs = len(buf)
+        mv = memoryview(buf)
+        block = off // bs
+        have = off
+        try:
+            if r.status == 200 and off:
+                raise JobFailed("NO_RANGE", "the server ignored the Range request")
+            while True:
+                fill = 0
+                while fill < bs:  # one whole block per write, as the flash wants
+                    n = r.readinto(mv[fill:])
+                    if not n:
+                        break
+                    fill += n
+                if not fill:
+                    break
+                if have + fill > size:
+                    raise JobFailed("SIZE_MISMATCH", "the server sent more than %d bytes" % size)
+                h.update(mv[:fill])
+                for i in range(fill, bs):
+                    buf[i] = 0xFF  # the tail of the last block stays erased
+                slot.writeblocks(block, buf)
+                block += 1
+                have += fill
+                if block % _CHECKPOINT_BLOCKS == 0:
+                    ctx.checkpoint({"phase": "download", "off": have, "slot": label})
+                    ctx.point("ota-checkpoint")
+                    ctx.progress(bytes=str(have))
+                if fill < bs:
+                    break
+        except OSError as e:
+            if str(e) == "body truncated":
+                raise JobFailed("TRUNCATED", "the download ended early")
+            raise JobFailed("DOWNLOAD_FAILED", repr(e))
+        finally:
+            r.close()
+        return have
