@@ -2,7 +2,7 @@
 .PHONY: setup build test demo bench lint clean
 
 PY := .venv/bin/python
-LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo tools/jobs tools/bench
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo tools/jobs tools/bench tools/sign
 
 setup:
 	@tools/setup

@@ -5,7 +5,7 @@ import json
 
 from conftest import thing_arn, wait_execution
 
-HEAP = "80K"
+HEAP = "96K"
 
 
 def create_job(iot, job_id, thing, document):

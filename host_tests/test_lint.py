@@ -5,7 +5,7 @@ import subprocess
 from conftest import ROOT
 
 PATHS = ["lib", "firmware", "tools/iotjobs_host", "host_tests", "tools/jobsd", "tools/devsim",
-         "tools/build", "tools/demo", "tools/jobs", "tools/bench"]
+         "tools/build", "tools/demo", "tools/jobs", "tools/bench", "tools/sign"]
 
 
 def test_ruff_finds_nothing():

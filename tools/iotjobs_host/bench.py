@@ -138,7 +138,7 @@ class Bench:
         boots: list[float] = []
         lat: list[float] = []
         for _ in range(3):
-            thing, spy, dev, t0, times = self.device("80K")
+            thing, spy, dev, t0, times = self.device("96K")
             try:
                 first = spy.wait_for(lambda t, p: t.endswith("/start-next"), 20, "start-next")
                 boots.append(next(ts for ts, t, _ in times if t == first[0]) - t0)

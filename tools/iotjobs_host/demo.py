@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         iot.create_thing(thingName=THING)
         spy = stack.Spy(mosq.port, THING, on_message=lambda t, p: show(t0, t, p))
         running.append(spy)
-        print(f"demo: device {THING} (MicroPython unix port, 80 KB heap, TLS port {mosq.tls_port})")
+        print(f"demo: device {THING} (MicroPython unix port, 96 KB heap, TLS port {mosq.tls_port})")
         dev = stack.Device(os.path.join(work, "device"), THING, mosq.tls_broker,
-                           tls_dir=pki.thing(THING), heap="80K")
+                           tls_dir=pki.thing(THING), heap="96K")
         running.append(dev)
         spy.wait_for(lambda t, p: t.endswith("/start-next"), 30, "the device to ask for work")
         job_id = "demo-" + time.strftime("%H%M%S")

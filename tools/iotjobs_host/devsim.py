@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thing", required=True)
     ap.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
     ap.add_argument("--flash", required=True, help="folder that is the device's filesystem")
-    ap.add_argument("--heap", default="80K", help="MicroPython heap, e.g. 80K (default)")
+    ap.add_argument("--heap", default="96K", help="MicroPython heap, e.g. 96K (default)")
     ap.add_argument("--tls", help="folder with the thing's ca.der, cert.der and key.der")
     ap.add_argument("--keepalive", type=int, default=60, help="MQTT keepalive, seconds")
     ap.add_argument("--config", default="{}",
