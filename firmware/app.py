@@ -109,14 +109,21 @@ def download_context(cfg):
 
 
 def halt_hook(point):
-    """Test aid: stop dead at a named point once (devsim's test kills the process there)."""
+    """Test aid: stop dead at a named point once (devsim's test kills the process there);
+    `name#k` stops at the k-th time the point is passed in a boot."""
     if not point:
         return None
+    name, _, nth = point.partition("#")
+    nth = int(nth) if nth else 1
+    seen = [0]
 
-    def on_point(name):
-        if name != point:
+    def on_point(at):
+        if at != name:
             return
-        marker = "halted." + name
+        seen[0] += 1
+        if seen[0] != nth:
+            return
+        marker = "halted." + point.replace("#", "-")
         try:
             os.stat(marker)
             return  # halted here before: this boot goes on
@@ -124,7 +131,7 @@ def halt_hook(point):
             pass
         with open(marker, "w") as f:
             f.write("1")
-        print("@@HALT " + name)
+        print("@@HALT " + point)
         while True:
             time.sleep(1)
 

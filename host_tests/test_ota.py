@@ -116,13 +116,26 @@ def test_image_failing_its_self_test_is_rolled_back(jobsd, iot, files, ota_devic
     assert "rollback" in dev.log_text(10**7)
 
 
-@pytest.mark.parametrize("point", ["ota-checkpoint", "ota-verified", "before-reset", "ota-confirmed"])
+OTA_POINTS = (
+    ["start-next-accepted", "journaled"]
+    + [f"ota-block#{k}" for k in (1, 10, 20, 40, 70)]           # mid-download, between checkpoints
+    + [f"ota-checkpoint#{k}" for k in (1, 2, 3, 4)]             # right after each offset checkpoint
+    + ["ota-verified", "before-reset", "ota-confirmed", "handler-done", "outbox-written",
+       "before-update", "update-sent", "update-answered", "outbox-cleared"]
+)
+
+
+@pytest.mark.parametrize("point", OTA_POINTS)
 def test_ota_power_cut_resumes(jobsd, iot, files, ota_device, point):
+    """A power cut at each of 20 points of a firmware update: it still ends SUCCEEDED with the
+    new version running, confirmed, exactly once."""
     img = make_image("2.0.0", size=300 * 1024)
     publish(files, "v2.bin", img)
-    thing = "ota-cut-" + point
+    thing = "ota-cut-" + point.replace("#", "-")
     dev = ota_device(thing, [native("v2.bin", img, "2.0.0")], {"test_handlers": True, "halt_at": point})
     stack.wait_until(lambda: f"@@HALT {point}" in dev.log_text(10**7), 60, "the halt")
     dev.power_cut()
     status, details = result(iot, dev, thing, 0, 90)
     assert status == "SUCCEEDED" and details["version"] == "2.0.0", (details, dev.log_text())
+    od = read_otadata(ota_dir(dev.flash))
+    assert od["boot"] == "ota_1" and od["state"].get("ota_1") == "VALID", od

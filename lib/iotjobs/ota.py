@@ -193,6 +193,7 @@ class Ota(Handler):
                 for i in range(fill, bs):
                     buf[i] = 0xFF  # the tail of the last block stays erased
                 slot.writeblocks(block, buf)
+                ctx.point("ota-block")
                 block += 1
                 have += fill
                 if block % _CHECKPOINT_BLOCKS == 0:
