@@ -40,7 +40,9 @@ class Bench:
         self.work = work
         self.pki = PKI(os.path.join(work, "pki"))
         self.mosq = stack.Mosquitto(os.path.join(work, "mosquitto"), self.pki)
-        self.jobsd = stack.Jobsd(os.path.join(work, "jobsd"), self.mosq.broker)
+        self.files = os.path.join(work, "files")
+        os.makedirs(self.files, exist_ok=True)
+        self.jobsd = stack.Jobsd(os.path.join(work, "jobsd"), self.mosq.broker, files=self.files)
         self.n = 0
 
     def stop(self) -> None:
@@ -117,6 +119,71 @@ class Bench:
             dev.stop()
             spy.stop()
 
+    def ota(self, heap_kb: int, size: int = 1 << 20, timeout: float = 60) -> float | None:
+        """A signed firmware update of `size` bytes: seconds from the job's start-next to its
+        "rebooting" report (download, hash, signature, set_boot), or None if it failed."""
+        import base64
+        import hashlib
+
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from .devsim import make_image
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        img = make_image("2.0.0", size=size)
+        os.makedirs(os.path.join(self.files, "fw"), exist_ok=True)
+        with open(os.path.join(self.files, "fw", "bench.bin"), "wb") as f:
+            f.write(img)
+        self.n += 1
+        thing = f"ota-{self.n}"
+        pub = os.path.join(self.work, f"{thing}-pub.der")
+        with open(pub, "wb") as f:
+            f.write(key.public_key().public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+        self.jobsd.iot.create_thing(thingName=thing)
+        doc = {"operation": "ota", "url": "${aws:iot:s3-presigned-url:https://s3.amazonaws.com/fw/bench.bin}",
+               "size": len(img), "sha256": hashlib.sha256(img).hexdigest(), "version": "2.0.0",
+               "signature": base64.b64encode(key.sign(img, ec.ECDSA(hashes.SHA256()))).decode()}
+        self.jobsd.iot.create_job(jobId=f"{thing}-job", targets=[ARN + thing], document=json.dumps(doc))
+        times: list[tuple[float, str, object]] = []
+        spy = stack.Spy(self.mosq.port, thing,
+                        on_message=lambda t, p: times.append((time.monotonic(), t, p)))
+        dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
+                           tls_dir=self.pki.thing(thing), heap=f"{heap_kb}K",
+                           config={"ota": {"pubkey": pub, "allow": ["http://127.0.0.1:"]}})
+        try:
+            def done():
+                ex = self.jobsd.iot.describe_job_execution(jobId=f"{thing}-job", thingName=thing)
+                st = ex["execution"]["status"]
+                return st if st not in ("QUEUED", "IN_PROGRESS") else None
+
+            try:
+                status = stack.wait_until(done, timeout, "the OTA job", 0.1)
+            except TimeoutError:
+                return None
+            if status != "SUCCEEDED":
+                return None
+            start = next(ts for ts, t, p in times if t.endswith("/start-next/accepted")
+                         and isinstance(p, dict) and p.get("execution"))
+            end = next(ts for ts, t, p in times if t.endswith("/update") and isinstance(p, dict)
+                       and p.get("statusDetails", {}).get("step") == "rebooting")
+            return end - start
+        finally:
+            dev.stop()
+            spy.stop()
+
+    def ota_heap_min_kb(self, lo: int = 32, hi: int = 160) -> int:
+        if self.ota(hi) is None:
+            raise RuntimeError(f"the OTA fails even with {hi} KB")
+        while hi - lo > 2:
+            mid = (lo + hi) // 2
+            if self.ota(mid) is not None:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
     def floor(self, jobs: int = 200) -> float:
         """The same executions driven by one paho client (bench_jobsd.Fleet): jobs per second."""
         from .bench_jobsd import Fleet
@@ -146,6 +213,10 @@ class Bench:
                     mark = len(times)
                     job_prefix = f"j{self.n + 1}"
                     assert self.job_ok(thing, dev)
+                    suffix = f"/{job_prefix}/update/accepted"
+                    stack.wait_until(lambda sx=suffix, tm=times, m=mark:
+                                     any(t.endswith(sx) for _, t, _ in tm[m:]),
+                                     10, "the spy to see the last reply")  # the spy is async
                     seen = times[mark:]
                     start = next(ts for ts, t, p in seen if t.endswith("/notify-next")
                                  and isinstance(p, dict)
@@ -175,6 +246,31 @@ def code_heap_bytes() -> int:
     return int(out.stdout.split()[-1])
 
 
+def ecdsa_ms() -> float:
+    """Median time of one ECDSA P-256 verification in MicroPython (unix port, this host)."""
+    import subprocess
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    msg = b"benchmark"
+    sig = key.sign(msg, ec.ECDSA(hashes.SHA256()))
+    pub = key.public_key().public_bytes(serialization.Encoding.X962,
+                                        serialization.PublicFormat.UncompressedPoint)
+    probe = os.path.join(BUILD, "bench", "ecdsa_probe.py")
+    with open(probe, "w") as f:
+        f.write("import time, binascii\nfrom iotjobs import ecdsa\n"
+                f"pub = binascii.unhexlify({pub.hex()!r})\nsig = binascii.unhexlify({sig.hex()!r})\n"
+                "ts = []\nfor i in range(15):\n    t = time.ticks_us()\n"
+                "    assert ecdsa.verify(pub, sig, b'benchmark')\n"
+                "    ts.append(time.ticks_diff(time.ticks_us(), t))\nts.sort()\nprint(ts[7])\n")
+    out = subprocess.run([os.path.join(VENV_BIN, "micropython"), "-X", "heapsize=32K", probe],
+                         capture_output=True, text=True, check=True,
+                         env=dict(os.environ, MICROPYPATH=".frozen:" + os.path.join(BUILD, "mpy", "host")))
+    return int(out.stdout.split()[-1]) / 1000
+
+
 def device_figures(work: str) -> dict:
     build("host")
     build("xtensawin")
@@ -185,6 +281,8 @@ def device_figures(work: str) -> dict:
         boots, lat = b.timings()
         tp = b.throughput()
         floor = b.floor()
+        ota_s = b.ota(160)
+        ota_heap = b.ota_heap_min_kb()
     finally:
         b.stop()
     sizes = dict(size_report("host"))
@@ -200,6 +298,10 @@ def device_figures(work: str) -> dict:
         "jobs_per_s": round(rate, 1),
         "floor_jobs_per_s": round(floor, 1),
         "jobs_per_s_vs_floor": round(rate / floor, 2),
+        "ota_1mib_s": round(ota_s, 3) if ota_s else None,
+        "ota_kib_per_s": round(1024 / ota_s) if ota_s else None,
+        "ota_heap_min_kb": ota_heap,
+        "ecdsa_verify_ms": ecdsa_ms(),
         "journal_writes_per_job": round(tp["writes"] / tp["jobs"], 2),
         "journal_bytes_per_job": round(tp["bytes"] / tp["jobs"], 1),
         "core_bytes": sum(sizes.get(m, 0) for m in CORE),
@@ -230,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: journal per job                         : {d['journal_writes_per_job']} writes, "
               f"{d['journal_bytes_per_job']} bytes")
         print(f"device: core .mpy (lib/iotjobs)                 : {d['core_bytes']} bytes")
+        print(f"device: 1 MiB signed firmware OTA on loopback    : {d['ota_1mib_s']} s "
+              f"({d['ota_kib_per_s']} KiB/s, download+hash+ECDSA+set_boot); smallest heap "
+              f"{d['ota_heap_min_kb']} KB; ECDSA verify {d['ecdsa_verify_ms']} ms")
         print(f"device: boot to first start-next (median)       : {d['boot_to_ready_ms']} ms")
         print(f"device: notify-next to SUCCEEDED accepted       : median {d['job_ms_median']} ms, "
               f"max {d['job_ms_max']} ms over {d['jobs_timed']} jobs")
