@@ -139,3 +139,28 @@ def test_ota_power_cut_resumes(jobsd, iot, files, ota_device, point):
     assert status == "SUCCEEDED" and details["version"] == "2.0.0", (details, dev.log_text())
     od = read_otadata(ota_dir(dev.flash))
     assert od["boot"] == "ota_1" and od["state"].get("ota_1") == "VALID", od
+
+
+def test_one_command_ota_from_tools_jobs(jobsd, iot, files, device, tmp_path):
+    """tools/sign keygen, then tools/jobs ota: signed, published to jobsd's files, job created,
+    the device updates to the new version."""
+    import subprocess
+
+    keys = tmp_path / "keys"
+    r = subprocess.run([os.path.join(ROOT, "tools", "sign"), "keygen", "--out", str(keys)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    image = tmp_path / "fw-2.1.0.bin"
+    image.write_bytes(make_image("2.1.0", size=100 * 1024))
+    iot.create_thing(thingName="ota-cli")
+    dev = device("ota-cli", heap="128K", config={
+        "ota": {"pubkey": str(keys / "signing-pub.der"), "allow": ["http://127.0.0.1:"]}})
+    r = subprocess.run([os.path.join(ROOT, "tools", "jobs"), "--endpoint", jobsd.control_url, "ota",
+                        "fw-210", "--image", str(image), "--key", str(keys / "signing-key.pem"),
+                        "--files", str(files), "--version", "2.1.0", "--thing", "ota-cli"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "created OTA job fw-210" in r.stdout
+    ex = wait_execution(iot, "fw-210", "ota-cli", TERMINAL, 60, device=dev)
+    assert ex["status"] == "SUCCEEDED", ex
+    assert ex["statusDetails"]["detailsMap"]["version"] == "2.1.0"

@@ -63,6 +63,33 @@ def cmd_create(iot, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ota(iot, a: argparse.Namespace) -> int:
+    """Sign a firmware image, place it in jobsd's files folder, create the OTA job: one step."""
+    from . import sign
+
+    argv = ["image", a.image, "--key", a.key, "--bucket", a.bucket, "--files", a.files]
+    if a.version:
+        argv += ["--version", a.version]
+    if a.afr_ota:
+        argv += ["--afr-ota"]
+    if a.force:
+        argv += ["--force"]
+    try:
+        doc = sign.image(sign.parser().parse_args(argv))
+    except sign.SignError as e:
+        print(f"jobs: {e}", file=sys.stderr)
+        return 2
+    if not a.thing and not a.group:
+        print("jobs: name at least one --thing or --group", file=sys.stderr)
+        return 2
+    out = iot.create_job(jobId=a.job_id, targets=_targets(iot, a.thing, a.group),
+                         document=json.dumps(doc, separators=(",", ":")),
+                         targetSelection="CONTINUOUS" if a.continuous else "SNAPSHOT")
+    print(f"created OTA job {out['jobId']}: {os.path.basename(a.image)} "
+          f"({doc.get('size') or doc['afr_ota']['files'][0]['filesize']} bytes, signed)")
+    return 0
+
+
 def cmd_list(iot, a: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"status": a.status} if a.status else {}
     rows = []
@@ -155,6 +182,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="CONTINUOUS: things added to a target group later get the job too")
     c.add_argument("--timeout-minutes", type=int, help="in-progress timeout (1..10080)")
     c.add_argument("--description")
+    o = sub.add_parser("ota", help="sign a firmware image, publish it to jobsd's files folder "
+                                   "and create the OTA job")
+    o.add_argument("job_id")
+    o.add_argument("--image", required=True, help="the firmware image file")
+    o.add_argument("--key", required=True, metavar="KEY.pem", help="signing key (tools/sign keygen)")
+    o.add_argument("--files", required=True, metavar="DIR", help="jobsd's --files folder")
+    o.add_argument("--bucket", default="firmware", help="bucket (first folder under --files)")
+    o.add_argument("--version", help="the image's version (the device refuses downgrades)")
+    o.add_argument("--afr-ota", action="store_true", help="AWS OTA (afr_ota) document")
+    o.add_argument("--force", action="store_true", help="replace an object that differs")
+    o.add_argument("--thing", action="append", default=[])
+    o.add_argument("--group", action="append", default=[])
+    o.add_argument("--continuous", action="store_true")
     ls = sub.add_parser("list", help="list jobs")
     ls.add_argument("--status", choices=["IN_PROGRESS", "CANCELED", "COMPLETED", "DELETION_IN_PROGRESS"])
     d = sub.add_parser("describe", help="a job, its document and each thing's status")
@@ -174,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     iot = client(a)
     try:
-        return {"create": cmd_create, "list": cmd_list, "describe": cmd_describe,
+        return {"create": cmd_create, "ota": cmd_ota, "list": cmd_list, "describe": cmd_describe,
                 "cancel": cmd_cancel, "watch": cmd_watch}[a.cmd](iot, a)
     except ClientError as e:
         err = e.response.get("Error", {})
