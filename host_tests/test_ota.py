@@ -164,3 +164,72 @@ def test_one_command_ota_from_tools_jobs(jobsd, iot, files, device, tmp_path):
     ex = wait_execution(iot, "fw-210", "ota-cli", TERMINAL, 60, device=dev)
     assert ex["status"] == "SUCCEEDED", ex
     assert ex["statusDetails"]["detailsMap"]["version"] == "2.1.0"
+
+
+class FlakyServer:
+    """An HTTP server for one image that cuts the first `cuts` responses short after `keep`
+    bytes (Content-Length promises more), and honours Range requests."""
+
+    def __init__(self, image: bytes, cuts: int, keep: int) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.image, self.cuts, self.keep, self.ranges = image, cuts, keep, []
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                start = 0
+                rng = self.headers.get("Range")
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                outer.ranges.append(start)
+                body = outer.image[start:]
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(outer.image) - 1}/{len(outer.image)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cuts > 0:
+                    outer.cuts -= 1
+                    self.wfile.write(body[:outer.keep])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("cuts,keep,status", [(3, 50_000, "SUCCEEDED"), (99, 1_000, "FAILED")])
+def test_download_cut_short_resumes_with_range(jobsd, iot, ota_device, cuts, keep, status):
+    """Cut short 3 times, each time after 50 kB: the update resumes with Range and succeeds;
+    cut short every time before a whole block arrives: FAILED TRUNCATED after the retries."""
+    img = make_image("2.0.0", size=200 * 1024)
+    srv = FlakyServer(img, cuts, keep=keep)
+    try:
+        doc = native("unused", img, "2.0.0", url=f"http://127.0.0.1:{srv.port}/fw.bin")
+        thing = f"ota-flaky-{cuts}"
+        dev = ota_device(thing, [doc])
+        got, details = result(iot, dev, thing, 0, 90)
+        assert got == status, details
+        if status == "SUCCEEDED":
+            assert details["version"] == "2.0.0"
+            # each retry continued from the last whole 4 KB block it had written
+            assert srv.ranges[0] == 0 and all(r > 0 and r % 4096 == 0 for r in srv.ranges[1:]), srv.ranges
+            assert srv.ranges == sorted(srv.ranges) and len(srv.ranges) == cuts + 1
+        else:
+            assert details["reason"] == "TRUNCATED", details
+            assert len(dev.boots()) == 1, "a failed download never switches the boot slot"
+    finally:
+        srv.stop()

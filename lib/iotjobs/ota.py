@@ -18,6 +18,15 @@ from .runner import Handler, JobFailed, JobRejected
 from . import http
 
 _CHECKPOINT_BLOCKS = const(16)
+_RETRIES = const(4)  # a lost link or a cut-short body: resume with Range this many times
+
+
+class _Cut(Exception):
+    """The transfer stopped early (link lost or body cut short); `reason` for the last one."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def params(doc):
@@ -77,6 +86,7 @@ class Ota(Handler):
         self.allow = allow
         self.ssl_context = ssl_context
         self.buf = None
+        self.have = 0
 
     def run(self, ctx, doc):
         return self._download(ctx, doc, 0)
@@ -133,7 +143,20 @@ class Ota(Handler):
             h.update(mv[:n])
         if off == 0:
             ctx.checkpoint({"phase": "download", "off": 0, "slot": label})
-        total = self._stream(ctx, url, slot, label, off, size, buf, h)
+        attempt = 0
+        while True:
+            try:
+                total = self._stream(ctx, url, slot, label, off, size, buf, h)
+                break
+            except _Cut as e:
+                attempt += 1
+                if attempt > _RETRIES:
+                    raise JobFailed(e.reason, "the download stopped early %d times" % attempt)
+                off = self.have  # whole blocks written and hashed so far: continue there
+                import time
+
+                time.sleep_ms(250 << attempt)
+                ctx.point("ota-retry")
         if total != size:
             raise JobFailed("SIZE_MISMATCH", "got %d bytes, expected %d" % (total, size))
         digest = h.digest()
@@ -153,8 +176,11 @@ class Ota(Handler):
         ctx.request_reboot()
 
     def _stream(self, ctx, url, slot, label, off, size, buf, h):
+        self.have = off
         try:
             r = http.get(url, self.ssl_context, off)
+        except OSError:
+            raise _Cut("DOWNLOAD_FAILED")  # no connection: retried like a cut
         except http.HttpError as e:
             if e.status == 403:  # an expired presigned URL: describe signs a fresh one
                 fresh = ctx.fresh_document()
@@ -174,7 +200,7 @@ class Ota(Handler):
         bs = len(buf)
         mv = memoryview(buf)
         block = off // bs
-        have = off
+        have = self.have = off
         try:
             if r.status == 200 and off:
                 raise JobFailed("NO_RANGE", "the server ignored the Range request")
@@ -196,6 +222,7 @@ class Ota(Handler):
                 ctx.point("ota-block")
                 block += 1
                 have += fill
+                self.have = have
                 if block % _CHECKPOINT_BLOCKS == 0:
                     ctx.checkpoint({"phase": "download", "off": have, "slot": label})
                     ctx.point("ota-checkpoint")
@@ -203,9 +230,9 @@ class Ota(Handler):
                 if fill < bs:
                     break
         except OSError as e:
-            if str(e) == "body truncated":
-                raise JobFailed("TRUNCATED", "the download ended early")
-            raise JobFailed("DOWNLOAD_FAILED", repr(e))
+            # The partial block in `buf` was neither written nor hashed: the retry starts at
+            # the last whole block (self.have).
+            raise _Cut("TRUNCATED" if str(e) == "body truncated" else "DOWNLOAD_FAILED")
         finally:
             r.close()
         return have
