@@ -7,7 +7,9 @@
 #    "keepalive": 60, "client_id": "dev1",
 #    "progress_min_ms": 5000, "step_timeout_min": null, "handler_timeout_s": 600,
 #    "download": {"root": "data", "allow": ["https://my-bucket.s3.amazonaws.com/"], "ca": "..."},
-#    "ota": {"pubkey": "certs/ota-pub.der", "allow": [...]}}
+#    "ota": {"pubkey": "certs/ota-pub.der", "allow": [...]},
+#    "app": {"root": "app.d", "max_tries": 3, "allow": [...], "pubkey": ..., "settings": {...}}}
+# "app": false turns application updates off; pubkey and allow default to those of "ota".
 # "tls" absent means plain TCP (only for a local broker).
 import json
 import os
@@ -169,6 +171,7 @@ def build(cfg):
     client = JobsClient(transport, cfg["thing"], log=log)
     dl = cfg.get("download") or {}
     ota = cfg.get("ota") or {}
+    app = app_config(cfg)
     ota_kw = {"platform": platform, "pubkey": _read(ota["pubkey"]) if ota.get("pubkey") else None,
               "allow": ota.get("allow", dl.get("allow", ())),
               "ssl_context": lambda: download_context(cfg)}
@@ -181,12 +184,32 @@ def build(cfg):
                                allow=dl.get("allow", ()),
                                ssl_context=lambda: download_context(cfg)),
     }
+    state = None
+    if app is not None:
+        root = app.get("root", "app.d")
+
+        def app_state():
+            from iotjobs.appstate import AppState
+
+            return AppState(root, log, app.get("max_tries", 3))
+
+        try:
+            os.stat(root + "/state.json")
+            state = app_state()  # an application is installed
+        except OSError:
+            pass  # none yet: the code that starts one costs no heap until an update comes
+        pub = app.get("pubkey") or ota.get("pubkey")
+        handlers["app-update"] = _lazy("iotjobs.app", "AppUpdate",
+                                       state=lambda: state or app_state(),
+                                       pubkey=_read(pub) if pub else None,
+                                       allow=app.get("allow", ota.get("allow", dl.get("allow", ()))),
+                                       ssl_context=lambda: download_context(cfg))
     if cfg.get("test_handlers"):
         import testhandlers
 
         handlers["effect"] = testhandlers.Effect()
         handlers["rerun"] = testhandlers.Rerun()
-    return Runner(
+    runner = Runner(
         client,
         Journal("journal.json", log),
         handlers,
@@ -197,6 +220,19 @@ def build(cfg):
         handler_timeout_s=cfg.get("handler_timeout_s", 600),
         on_point=halt_hook(cfg.get("halt_at")),
     )
+    runner.app = state
+    return runner
+
+
+def app_config(cfg):
+    app = cfg.get("app", {})
+    return None if app is False else (app if isinstance(app, dict) else {})
+
+
+def start_app(runner, cfg):
+    """Start the installed application, if there is one (iotjobs.appstate)."""
+    if runner.app is not None:
+        runner.app.launch(runner, (app_config(cfg) or {}).get("settings") or {}, platform.reset)
 
 
 def main():
@@ -205,6 +241,7 @@ def main():
     platform.connect_network(cfg, log)
     runner = build(cfg)
     selftest(runner, cfg)
+    start_app(runner, cfg)
     runner.run()
 
 

@@ -23,13 +23,13 @@ def put(files, key, data, bucket="fw"):
     return hashlib.sha256(data).hexdigest()
 
 
-def run(iot, device, thing, documents, config=None):
+def run(iot, device, thing, documents, config=None, heap="112K"):
     iot.create_thing(thingName=thing)
     for i, doc in enumerate(documents):
         iot.create_job(jobId=f"{thing}-{i}", targets=[thing_arn(thing)], document=json.dumps(doc))
     cfg = dict(ALLOW)
     cfg.update(config or {})
-    return device(thing, config=cfg, heap="96K")  # the handlers add their code to the heap
+    return device(thing, config=cfg, heap=heap)  # the handlers add their code to the heap
 
 
 def finished(iot, dev, thing, i, timeout=40):
@@ -118,3 +118,73 @@ def test_download_resumes_after_a_power_cut(jobsd, iot, device, files):
     assert status == "SUCCEEDED" and details["sha256"] == sha, details
     with open(os.path.join(dev.flash, "data", "big.bin"), "rb") as f:
         assert f.read() == data
+
+
+def test_download_over_https_checks_the_server_certificate(jobsd, iot, device, pki, tmp_path):
+    """HTTPS with the configured CA: a server whose certificate that CA signed is trusted; one
+    signed by another CA is refused (FAILED, nothing placed), and the device goes on."""
+    from fileserver import FlakyServer
+    from iotjobs_host.pki import PKI
+
+    data = os.urandom(70_000)
+    sha = hashlib.sha256(data).hexdigest()
+    good = pki.server("localhost", name="https-files")
+    rogue = PKI(str(tmp_path / "rogue-pki")).server("localhost")
+    ok = FlakyServer(data, tls=(good["cert_pem"], good["key_pem"]))
+    bad = FlakyServer(data, tls=(rogue["cert_pem"], rogue["key_pem"]))
+    try:
+        thing = "dl-tls"
+        docs = [{"operation": "download-file", "url": ok.url + "a.bin", "path": "a.bin",
+                 "sha256": sha},
+                {"operation": "download-file", "url": bad.url + "b.bin", "path": "b.bin"},
+                {"operation": "demo", "steps": 0}]
+        # 160K: on the unix port mbedTLS takes its buffers from the MicroPython heap (on an
+        # ESP32 from the IDF heap), and here two TLS sessions are open at once
+        dev = run(iot, device, thing, docs,
+                  {"download": {"allow": ["https://localhost:"], "root": "data"}}, heap="160K")
+        status, details = finished(iot, dev, thing, 0)
+        assert status == "SUCCEEDED" and details["sha256"] == sha, details
+        status, details = finished(iot, dev, thing, 1)
+        assert (status, details.get("reason")) == ("FAILED", "DOWNLOAD_FAILED"), details
+        assert "TLS" in details.get("message", ""), details
+        assert finished(iot, dev, thing, 2)[0] == "SUCCEEDED"
+        assert not os.path.exists(os.path.join(dev.flash, "data", "b.bin"))
+        assert not bad.ranges, "no request reached the server the device did not trust"
+        assert bad.refused >= 1
+    finally:
+        ok.stop()
+        bad.stop()
+
+
+@pytest.mark.parametrize("faults,status,reason", [
+    ({"cuts": 2, "keep": 70_000}, "SUCCEEDED", "OK"),
+    ({"fail_status": 503, "fails": 2}, "SUCCEEDED", "OK"),
+    ({"cuts": 99, "keep": 100}, "FAILED", "TRUNCATED"),
+    ({"fail_status": 500, "fails": -1}, "FAILED", "DOWNLOAD_FAILED"),
+])
+def test_download_retries_a_lost_link_and_server_errors(jobsd, iot, device, faults, status, reason):
+    """A body cut short or a 5xx answer: retried with Range from what arrived (4 times); then
+    FAILED with the reason."""
+    from fileserver import FlakyServer
+
+    data = os.urandom(200_000)
+    sha = hashlib.sha256(data).hexdigest()
+    srv = FlakyServer(data, **faults)
+    try:
+        thing = "dl-retry"
+        dev = run(iot, device, thing, [{"operation": "download-file", "url": srv.url + "f.bin",
+                                        "path": "f.bin", "sha256": sha}])
+        got, details = finished(iot, dev, thing, 0, 60)
+        assert (got, details.get("reason")) == (status, reason), details
+        placed = os.path.join(dev.flash, "data", "f.bin")
+        if status == "SUCCEEDED":
+            with open(placed, "rb") as f:
+                assert f.read() == data
+            if "cuts" in faults:  # each retry continued where the last one stopped
+                assert srv.ranges[0] == 0 and srv.ranges[1:] == sorted(srv.ranges[1:])
+                assert all(r >= faults["keep"] for r in srv.ranges[1:]), srv.ranges
+        else:
+            assert not os.path.exists(placed)
+            assert len(srv.ranges) == 5, "the first try and 4 retries"
+    finally:
+        srv.stop()

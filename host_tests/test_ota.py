@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import ROOT, stack, thing_arn, wait_execution
+from fileserver import FlakyServer
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from iotjobs_host.devsim import make_image, ota_dir, read_otadata  # noqa: E402
@@ -164,51 +165,6 @@ def test_one_command_ota_from_tools_jobs(jobsd, iot, files, device, tmp_path):
     ex = wait_execution(iot, "fw-210", "ota-cli", TERMINAL, 60, device=dev)
     assert ex["status"] == "SUCCEEDED", ex
     assert ex["statusDetails"]["detailsMap"]["version"] == "2.1.0"
-
-
-class FlakyServer:
-    """An HTTP server for one image that cuts the first `cuts` responses short after `keep`
-    bytes (Content-Length promises more), and honours Range requests."""
-
-    def __init__(self, image: bytes, cuts: int, keep: int) -> None:
-        import http.server
-        import threading
-
-        outer = self
-        self.image, self.cuts, self.keep, self.ranges = image, cuts, keep, []
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                start = 0
-                rng = self.headers.get("Range")
-                if rng:
-                    start = int(rng.split("=")[1].split("-")[0])
-                outer.ranges.append(start)
-                body = outer.image[start:]
-                self.send_response(206 if rng else 200)
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(outer.image) - 1}/{len(outer.image)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if outer.cuts > 0:
-                    outer.cuts -= 1
-                    self.wfile.write(body[:outer.keep])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.mark.parametrize("cuts,keep,status", [(3, 50_000, "SUCCEEDED"), (99, 1_000, "FAILED")])

@@ -3,7 +3,9 @@
 # args [downloadUrl, filePath]). Streams through one reused buffer into `<path>.part`, hashing
 # as it goes, checkpoints the offset now and then so a power cut resumes with HTTP Range, checks
 # size and sha256, then renames into place (atomic). The target is confined to the configured
-# folder; the URL must match the configured allowlist.
+# folder; the URL must match the configured allowlist. A lost link or a body cut short is
+# resumed with Range (4 retries); an expired presigned URL is signed afresh through describe.
+# `fetch_file` is shared with the application-update handler (app.py).
 import binascii
 import hashlib
 import os
@@ -13,6 +15,7 @@ from . import http
 
 _BUF = const(1024)
 _CHECKPOINT_EVERY = const(64 * 1024)  # bytes between journal writes (flash wear vs rework)
+_RETRIES = const(4)
 
 
 def confine(root, path):
@@ -39,11 +42,94 @@ def _mkdirs(path):
             pass
 
 
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def _size(path):
     try:
         return os.stat(path)[6]
     except OSError:
         return 0
+
+
+def fetch_file(ctx, url, path, buf, refresh, ssl_context=None, on_checkpoint=None):
+    """Download `url` into `path`, continuing after the bytes `path` already holds (HTTP Range).
+    Returns (total bytes, sha256 object of the whole file). A lost link, a body cut short or a
+    5xx answer is retried from what arrived (4 times, backing off 0.5 to 4 s); a 403 (an expired
+    presigned URL) asks `refresh()` for a fresh URL once. `on_checkpoint(have)` is called every
+    64 KB after a flush. Otherwise JobFailed: DOWNLOAD_FAILED (details: `http` status, 0 when
+    no answer came) or TRUNCATED."""
+    attempt = 0
+    refreshed = False
+    while True:
+        try:
+            return _fetch_once(ctx, url, path, buf, ssl_context, on_checkpoint)
+        except http.HttpError as e:
+            if e.status == 403 and not refreshed:
+                refreshed = True
+                url2 = refresh()
+                if url2 and url2 != url:
+                    url = url2
+                    continue
+            if e.status < 500:
+                raise JobFailed("DOWNLOAD_FAILED", e.reason, http=str(e.status))
+            reason, status = "DOWNLOAD_FAILED", e.status
+        except OSError as e:
+            reason = "TRUNCATED" if str(e) == "body truncated" else "DOWNLOAD_FAILED"
+            status = 0
+        attempt += 1
+        if attempt > _RETRIES:
+            raise JobFailed(reason, "the download failed %d times" % attempt, http=str(status))
+        import time
+
+        time.sleep_ms(250 << attempt)
+        ctx.point("download-retry")
+
+
+def _hash_file(path, h, n, mv):
+    with open(path, "rb") as f:
+        while n > 0:
+            k = f.readinto(mv[: min(n, len(mv))])
+            if not k:
+                break
+            h.update(mv[:k])
+            n -= k
+
+
+def _fetch_once(ctx, url, path, buf, ssl_context, on_checkpoint):
+    have = _size(path)
+    r = http.get(url, ssl_context, have)
+    try:
+        h = hashlib.sha256()
+        mv = memoryview(buf)
+        if r.status == 200 and have:  # the server ignored the Range: start over
+            have = 0
+            with open(path, "wb"):
+                pass
+        elif have:
+            _hash_file(path, h, have, mv)  # resume: hash what survived
+        since = 0
+        with open(path, "ab") as f:
+            while True:
+                n = r.readinto(mv)
+                if not n:
+                    break
+                f.write(mv[:n])
+                h.update(mv[:n])
+                have += n
+                since += n
+                if since >= _CHECKPOINT_EVERY:
+                    f.flush()
+                    since = 0
+                    if on_checkpoint is not None:
+                        on_checkpoint(have)
+        return have, h
+    finally:
+        r.close()
 
 
 class Download(Handler):
@@ -76,20 +162,24 @@ class Download(Handler):
         target = confine(self.root, path)
         part = target + ".part"
         _mkdirs(part)
-        try:
-            total, h = self._fetch(ctx, url, part)
-        except http.HttpError as e:
-            if e.status != 403:
-                raise JobFailed("DOWNLOAD_FAILED", e.reason)
+
+        def refresh():
             # An expired presigned URL: the service signs a fresh one with the document.
             fresh = ctx.fresh_document()
-            url2 = self._args(fresh)[0] if isinstance(fresh, dict) else None
-            if not isinstance(url2, str) or url2 == url or not http.allowed(url2, self.allow):
-                raise JobFailed("DOWNLOAD_FAILED", e.reason)
-            try:
-                total, h = self._fetch(ctx, url2, part)
-            except http.HttpError as e2:
-                raise JobFailed("DOWNLOAD_FAILED", e2.reason)
+            u = self._args(fresh)[0] if isinstance(fresh, dict) else None
+            return u if isinstance(u, str) and http.allowed(u, self.allow) else None
+
+        def on_checkpoint(have):
+            ctx.checkpoint({"off": have})
+            ctx.point("download-checkpoint")
+            ctx.progress(bytes=str(have))
+
+        try:
+            total, h = fetch_file(ctx, url, part, self.buf, refresh, self.ssl_context,
+                                  on_checkpoint)
+        except JobFailed:
+            _remove(part)  # the job is over: nothing is left behind
+            raise
         if size is not None and total != size:
             os.remove(part)
             raise JobFailed("SIZE_MISMATCH", "got %d bytes, expected %d" % (total, size))
@@ -100,46 +190,3 @@ class Download(Handler):
         os.rename(part, target)
         ctx.point("download-placed")
         return {"path": path, "size": str(total), "sha256": digest}
-
-    def _hash_file(self, path, h, n):
-        mv = memoryview(self.buf)
-        with open(path, "rb") as f:
-            while n > 0:
-                k = f.readinto(mv[: min(n, len(mv))])
-                if not k:
-                    break
-                h.update(mv[:k])
-                n -= k
-
-    def _fetch(self, ctx, url, part):
-        """Download into `part`, continuing after what it holds; (total bytes, sha256 object)."""
-        have = _size(part)
-        r = http.get(url, self.ssl_context, have)
-        try:
-            h = hashlib.sha256()
-            if r.status == 200 and have:  # the server ignored the Range: start over
-                have = 0
-                with open(part, "wb"):
-                    pass
-            elif have:
-                self._hash_file(part, h, have)  # resume: hash what survived
-            mv = memoryview(self.buf)
-            since = 0
-            with open(part, "ab") as f:
-                while True:
-                    n = r.readinto(mv)
-                    if not n:
-                        break
-                    f.write(mv[:n])
-                    h.update(mv[:n])
-                    have += n
-                    since += n
-                    if since >= _CHECKPOINT_EVERY:
-                        f.flush()
-                        since = 0
-                        ctx.checkpoint({"off": have})
-                        ctx.point("download-checkpoint")
-                        ctx.progress(bytes=str(have))
-            return have, h
-        finally:
-            r.close()

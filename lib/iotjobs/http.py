@@ -97,7 +97,12 @@ def get(url, ssl_context=None, start=0, timeout=10):
                 ssl_context = ssl_context()
             if ssl_context is None:
                 raise HttpError("NO_CA")
-            s = ssl_context.wrap_socket(s, server_hostname=host)
+            try:
+                s = ssl_context.wrap_socket(s, server_hostname=host)
+            except ValueError as e:
+                # MicroPython reports a certificate that does not verify (wrong CA, wrong host
+                # name, expired) as ValueError with mbedTLS's text: not the link, never retried
+                raise HttpError("TLS_CERT_REJECTED: " + str(e).strip()[:80])
         req = "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: iotjobs\r\n" % (path, host)
         if start:
             req += "Range: bytes=%d-\r\n" % start
@@ -138,12 +143,9 @@ def get(url, ssl_context=None, start=0, timeout=10):
         else:
             raise HttpError("HTTP_%d" % status, status)
         return Response(s, status, length, first, total)
-    except HttpError:
-        s.close()
-        raise
     except ValueError:
         s.close()
         raise HttpError("BAD_RESPONSE")
-    except OSError:
+    except BaseException:  # HttpError, OSError, MemoryError...: never leak the socket
         s.close()
         raise

@@ -15,6 +15,7 @@ import binascii
 import hashlib
 from micropython import const
 from .runner import Handler, JobFailed, JobRejected
+from .version import newer
 from . import http
 
 _CHECKPOINT_BLOCKS = const(16)
@@ -55,28 +56,6 @@ def params(doc):
     if version is not None and not isinstance(version, str):
         raise JobRejected("BAD_ARGUMENT", "version must be a string")
     return url, size, sha, sig, version, down
-
-
-def newer(a, b):
-    """True when version a is newer than b (dot-separated numbers; other text compares as 0)."""
-    def parts(v):
-        out = []
-        for p in v.split("."):
-            n = 0
-            for c in p:
-                if "0" <= c <= "9":
-                    n = n * 10 + ord(c) - 48
-                else:
-                    break
-            out.append(n)
-        return out
-
-    pa, pb = parts(a), parts(b)
-    while len(pa) < len(pb):
-        pa.append(0)
-    while len(pb) < len(pa):
-        pb.append(0)
-    return pa > pb
 
 
 class Ota(Handler):

@@ -187,6 +187,7 @@ class Runner:
         self.on_point = on_point
         self.reset_grace_ms = reset_grace_ms
         self.on_online = None
+        self.tick = None  # called about once per poll_ms while idle (the application's hook)
         self.version = None  # versionNumber of the current execution, as last seen
         self.jobs_done = 0
         self._want_next = True
@@ -276,6 +277,11 @@ class Runner:
             self._last_check = now
             self._start_next()
             return
+        if self.tick is not None:
+            try:
+                self.tick()
+            except Exception as e:  # the application's fault must not stop the jobs
+                self.log("tick failed: %r" % (e,))
         self.client.transport.wait(self.poll_ms)
         if self.client.take_next_event():
             self._want_next = True
@@ -468,7 +474,9 @@ class Runner:
 
     def _finish(self, status, details):
         j = self.journal.job
-        self.log("job %s: %s %s" % (j["id"], status, details.get("reason")))
+        msg = details.get("message")
+        self.log("job %s: %s %s%s" % (j["id"], status, details.get("reason"),
+                                      ": " + msg if msg else ""))
         self.journal.finish(status, details, self.version)
         self.point("outbox-written")
         self._flush()

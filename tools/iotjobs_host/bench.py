@@ -20,6 +20,8 @@ on a number. Figures:
 `tools/bench --only device|jobsd` runs one half."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -146,6 +148,13 @@ class Bench:
                "size": len(img), "sha256": hashlib.sha256(img).hexdigest(), "version": "2.0.0",
                "signature": base64.b64encode(key.sign(img, ec.ECDSA(hashes.SHA256()))).decode()}
         self.jobsd.iot.create_job(jobId=f"{thing}-job", targets=[ARN + thing], document=json.dumps(doc))
+        times = self.update_job(thing, heap_kb, pub, timeout)
+        return None if times is None else times["rebooting"] - times["start"]
+
+    def update_job(self, thing: str, heap_kb: int, pub: str, timeout: float) -> dict | None:
+        """Run the update job `<thing>-job` (already created) on a new device that trusts `pub`:
+        monotonic times of its start-next, its "rebooting" report and the last accepted update,
+        or None if it did not succeed."""
         times: list[tuple[float, str, object]] = []
         spy = stack.Spy(self.mosq.port, thing,
                         on_message=lambda t, p: times.append((time.monotonic(), t, p)))
@@ -159,19 +168,58 @@ class Bench:
                 return st if st not in ("QUEUED", "IN_PROGRESS") else None
 
             try:
-                status = stack.wait_until(done, timeout, "the OTA job", 0.1)
+                status = stack.wait_until(done, timeout, "the update job", 0.1)
             except TimeoutError:
                 return None
             if status != "SUCCEEDED":
                 return None
-            start = next(ts for ts, t, p in times if t.endswith("/start-next/accepted")
-                         and isinstance(p, dict) and p.get("execution"))
-            end = next(ts for ts, t, p in times if t.endswith("/update") and isinstance(p, dict)
-                       and p.get("statusDetails", {}).get("step") == "rebooting")
-            return end - start
+            return {
+                "start": next(ts for ts, t, p in times if t.endswith("/start-next/accepted")
+                              and isinstance(p, dict) and p.get("execution")),
+                "rebooting": next(ts for ts, t, p in times if t.endswith("/update")
+                                  and isinstance(p, dict)
+                                  and p.get("statusDetails", {}).get("step") == "rebooting"),
+                "accepted": max(ts for ts, t, p in times if t.endswith("/update/accepted")),
+            }
         finally:
             dev.stop()
             spy.stop()
+
+    def app_update(self, heap_kb: int = 160, files: int = 16, file_size: int = 16 * 1024,
+                   timeout: float = 60) -> dict | None:
+        """A signed application bundle of `files` modules and an entry module: seconds from
+        start-next to the "rebooting" report (manifest, signature, download, hashes, switch)
+        and to the last accepted update (plus the reset, the start on trial, the confirmation)."""
+        from . import sign
+
+        self.n += 1
+        thing = f"app-{self.n}"
+        src = os.path.join(self.work, f"{thing}-src")
+        os.makedirs(src)
+        for i in range(files):
+            with open(os.path.join(src, f"m{i:02d}.py"), "wb") as f:
+                f.write(b"# " + os.urandom(file_size).hex().encode()[: file_size - 3] + b"\n")
+        with open(os.path.join(src, "application.py"), "w") as f:
+            f.write("def start(api):\n    api.log('bench app started')\n")
+        keys = os.path.join(self.work, f"{thing}-keys")
+        sign.keygen(keys)
+        out = os.path.join(self.work, f"{thing}-doc.json")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            rc = sign.main(["bundle", src, "--key", os.path.join(keys, sign.KEY_FILE),
+                            "--version", "1.0", "--bucket", "apps", "--files", self.files,
+                            "--key-prefix", f"bench/{thing}", "--presign-files", "--out", out])
+        if rc != 0:
+            raise RuntimeError("tools/sign bundle failed")
+        with open(out) as f:
+            doc = f.read()
+        self.jobsd.iot.create_thing(thingName=thing)
+        self.jobsd.iot.create_job(jobId=f"{thing}-job", targets=[ARN + thing], document=doc)
+        times = self.update_job(thing, heap_kb, os.path.join(keys, sign.PUB_DER_FILE), timeout)
+        if times is None:
+            return None
+        return {"files": files + 1, "bytes": files * file_size,
+                "staged_s": round(times["rebooting"] - times["start"], 3),
+                "confirmed_s": round(times["accepted"] - times["start"], 3)}
 
     def ota_heap_min_kb(self, lo: int = 32, hi: int = 160) -> int:
         if self.ota(hi) is None:
@@ -283,6 +331,7 @@ def device_figures(work: str) -> dict:
         floor = b.floor()
         ota_s = b.ota(160)
         ota_heap = b.ota_heap_min_kb()
+        app = b.app_update()
     finally:
         b.stop()
     sizes = dict(size_report("host"))
@@ -302,6 +351,7 @@ def device_figures(work: str) -> dict:
         "ota_kib_per_s": round(1024 / ota_s) if ota_s else None,
         "ota_heap_min_kb": ota_heap,
         "ecdsa_verify_ms": ecdsa_ms(),
+        "app_update": app,
         "journal_writes_per_job": round(tp["writes"] / tp["jobs"], 2),
         "journal_bytes_per_job": round(tp["bytes"] / tp["jobs"], 1),
         "core_bytes": sum(sizes.get(m, 0) for m in CORE),
@@ -335,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: 1 MiB signed firmware OTA on loopback    : {d['ota_1mib_s']} s "
               f"({d['ota_kib_per_s']} KiB/s, download+hash+ECDSA+set_boot); smallest heap "
               f"{d['ota_heap_min_kb']} KB; ECDSA verify {d['ecdsa_verify_ms']} ms")
+        a = d["app_update"] or {}
+        print(f"device: app-update, {a.get('files')} files / {a.get('bytes')} bytes  : staged, "
+              f"verified and switched in {a.get('staged_s')} s; confirmed after the reset at "
+              f"{a.get('confirmed_s')} s")
         print(f"device: boot to first start-next (median)       : {d['boot_to_ready_ms']} ms")
         print(f"device: notify-next to SUCCEEDED accepted       : median {d['job_ms_median']} ms, "
               f"max {d['job_ms_max']} ms over {d['jobs_timed']} jobs")

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "REMOVED"}
 
@@ -63,6 +63,29 @@ def cmd_create(iot, a: argparse.Namespace) -> int:
     return 0
 
 
+def _signed_job(iot, a: argparse.Namespace, argv: list[str], make) -> Optional[dict]:
+    """Run a tools/sign command (`make` = sign.image or sign.bundle) and create the job with
+    its document; the document, or None after printing why not."""
+    from . import sign
+
+    if not a.thing and not a.group:
+        print("jobs: name at least one --thing or --group", file=sys.stderr)
+        return None
+    if a.force:
+        argv += ["--force"]
+    try:
+        doc = make(sign.parser().parse_args(argv))
+    except sign.SignError as e:
+        print(f"jobs: {e}", file=sys.stderr)
+        return None
+    if getattr(a, "allow_downgrade", False):
+        doc["allowDowngrade"] = True
+    iot.create_job(jobId=a.job_id, targets=_targets(iot, a.thing, a.group),
+                   document=json.dumps(doc, separators=(",", ":")),
+                   targetSelection="CONTINUOUS" if a.continuous else "SNAPSHOT")
+    return doc
+
+
 def cmd_ota(iot, a: argparse.Namespace) -> int:
     """Sign a firmware image, place it in jobsd's files folder, create the OTA job: one step."""
     from . import sign
@@ -72,21 +95,28 @@ def cmd_ota(iot, a: argparse.Namespace) -> int:
         argv += ["--version", a.version]
     if a.afr_ota:
         argv += ["--afr-ota"]
-    if a.force:
-        argv += ["--force"]
-    try:
-        doc = sign.image(sign.parser().parse_args(argv))
-    except sign.SignError as e:
-        print(f"jobs: {e}", file=sys.stderr)
+    doc = _signed_job(iot, a, argv, sign.image)
+    if doc is None:
         return 2
-    if not a.thing and not a.group:
-        print("jobs: name at least one --thing or --group", file=sys.stderr)
-        return 2
-    out = iot.create_job(jobId=a.job_id, targets=_targets(iot, a.thing, a.group),
-                         document=json.dumps(doc, separators=(",", ":")),
-                         targetSelection="CONTINUOUS" if a.continuous else "SNAPSHOT")
-    print(f"created OTA job {out['jobId']}: {os.path.basename(a.image)} "
+    print(f"created OTA job {a.job_id}: {os.path.basename(a.image)} "
           f"({doc.get('size') or doc['afr_ota']['files'][0]['filesize']} bytes, signed)")
+    return 0
+
+
+def cmd_app(iot, a: argparse.Namespace) -> int:
+    """Sign an application folder, publish it to jobsd's files folder, create the app-update
+    job (one presigned URL per file): one step."""
+    from . import sign
+
+    argv = ["bundle", a.dir, "--key", a.key, "--bucket", a.bucket, "--files", a.files,
+            "--version", a.version, "--presign-files"]
+    for pattern in a.exclude:
+        argv += ["--exclude", pattern]
+    doc = _signed_job(iot, a, argv, sign.bundle)
+    if doc is None:
+        return 2
+    print(f"created app-update job {a.job_id}: version {a.version}, "
+          f"{len(doc['urls'])} file(s), signed")
     return 0
 
 
@@ -195,6 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--thing", action="append", default=[])
     o.add_argument("--group", action="append", default=[])
     o.add_argument("--continuous", action="store_true")
+    p = sub.add_parser("app", help="sign an application folder, publish it to jobsd's files "
+                                   "folder and create the app-update job")
+    p.add_argument("job_id")
+    p.add_argument("--dir", required=True, help="the application folder (application.py, ...)")
+    p.add_argument("--version", required=True, help="its version (the device refuses downgrades)")
+    p.add_argument("--key", required=True, metavar="KEY.pem", help="signing key (tools/sign keygen)")
+    p.add_argument("--files", required=True, metavar="DIR", help="jobsd's --files folder")
+    p.add_argument("--bucket", default="apps", help="bucket (first folder under --files)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out matching paths or names (repeatable), e.g. '__pycache__'")
+    p.add_argument("--allow-downgrade", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace a published bundle")
+    p.add_argument("--thing", action="append", default=[])
+    p.add_argument("--group", action="append", default=[])
+    p.add_argument("--continuous", action="store_true")
     ls = sub.add_parser("list", help="list jobs")
     ls.add_argument("--status", choices=["IN_PROGRESS", "CANCELED", "COMPLETED", "DELETION_IN_PROGRESS"])
     d = sub.add_parser("describe", help="a job, its document and each thing's status")
@@ -214,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     iot = client(a)
     try:
-        return {"create": cmd_create, "ota": cmd_ota, "list": cmd_list, "describe": cmd_describe,
+        return {"create": cmd_create, "ota": cmd_ota, "app": cmd_app, "list": cmd_list, "describe": cmd_describe,
                 "cancel": cmd_cancel, "watch": cmd_watch}[a.cmd](iot, a)
     except ClientError as e:
         err = e.response.get("Error", {})

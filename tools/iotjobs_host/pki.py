@@ -101,8 +101,9 @@ class PKI:
         _write(files["ca"], self.ca_cert.public_bytes(serialization.Encoding.DER))
         return files
 
-    def server(self, cn: str = "localhost") -> dict[str, str]:
-        return self._issue(cn, os.path.join(self.folder, "server"), server=True)
+    def server(self, cn: str = "localhost", name: str = "server") -> dict[str, str]:
+        """A server certificate for `cn` in the folder `name` (another name: another one)."""
+        return self._issue(cn, os.path.join(self.folder, name), server=True)
 
     def thing(self, name: str) -> str:
         """Issue a client certificate whose CN is the thing name; returns its folder."""
