@@ -134,6 +134,7 @@ class AppUpdate(Handler):
         _mkdirs(stage + "/x")
         data = self._manifest(ctx, url)
         entries = self._verified(data, sig, version)
+        gc.collect()
         need = 0
         for _, size, _ in entries:
             need += size
@@ -153,6 +154,7 @@ class AppUpdate(Handler):
             try:
                 if r.length < 0 or r.length > _MANIFEST_MAX:
                     raise JobFailed("BAD_MANIFEST", "the manifest is over %d bytes" % _MANIFEST_MAX)
+                gc.collect()  # one contiguous block for the manifest
                 data = bytearray(r.length)
                 mv = memoryview(data)
                 got = 0
@@ -161,7 +163,7 @@ class AppUpdate(Handler):
                     if not n:
                         break
                     got += n
-                return bytes(data)
+                return data  # json, hashlib and file writes all take the bytearray
             finally:
                 r.close()
 

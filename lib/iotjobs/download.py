@@ -29,17 +29,14 @@ def confine(root, path):
 
 
 def _mkdirs(path):
-    d = path[: path.rfind("/")]
-    if not d:
-        return
-    parts = d.split("/")
-    cur = ""
-    for p in parts:
-        cur = p if not cur else cur + "/" + p
+    """Make the folders above `path` (relative or absolute)."""
+    end = path.find("/", 1)
+    while end > 0:
         try:
-            os.mkdir(cur)
+            os.mkdir(path[:end])
         except OSError:
             pass
+        end = path.find("/", end + 1)
 
 
 def _remove(path):

@@ -221,16 +221,24 @@ class Bench:
                 "staged_s": round(times["rebooting"] - times["start"], 3),
                 "confirmed_s": round(times["accepted"] - times["start"], 3)}
 
-    def ota_heap_min_kb(self, lo: int = 32, hi: int = 160) -> int:
-        if self.ota(hi) is None:
-            raise RuntimeError(f"the OTA fails even with {hi} KB")
+    @staticmethod
+    def smallest_heap_kb(passes, lo: int, hi: int) -> int:
+        """The smallest heap (KB, within 2) at which `passes(heap_kb)` is true."""
+        if not passes(hi):
+            raise RuntimeError(f"fails even with {hi} KB")
         while hi - lo > 2:
             mid = (lo + hi) // 2
-            if self.ota(mid) is not None:
+            if passes(mid):
                 hi = mid
             else:
                 lo = mid
         return hi
+
+    def ota_heap_min_kb(self, lo: int = 32, hi: int = 160) -> int:
+        return self.smallest_heap_kb(lambda kb: self.ota(kb) is not None, lo, hi)
+
+    def app_heap_min_kb(self, lo: int = 32, hi: int = 192) -> int:
+        return self.smallest_heap_kb(lambda kb: self.app_update(kb) is not None, lo, hi)
 
     def floor(self, jobs: int = 200) -> float:
         """The same executions driven by one paho client (bench_jobsd.Fleet): jobs per second."""
@@ -332,6 +340,8 @@ def device_figures(work: str) -> dict:
         ota_s = b.ota(160)
         ota_heap = b.ota_heap_min_kb()
         app = b.app_update()
+        if app:
+            app["heap_min_kb"] = b.app_heap_min_kb()
     finally:
         b.stop()
     sizes = dict(size_report("host"))
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         a = d["app_update"] or {}
         print(f"device: app-update, {a.get('files')} files / {a.get('bytes')} bytes  : staged, "
               f"verified and switched in {a.get('staged_s')} s; confirmed after the reset at "
-              f"{a.get('confirmed_s')} s")
+              f"{a.get('confirmed_s')} s; smallest heap {a.get('heap_min_kb')} KB")
         print(f"device: boot to first start-next (median)       : {d['boot_to_ready_ms']} ms")
         print(f"device: notify-next to SUCCEEDED accepted       : median {d['job_ms_median']} ms, "
               f"max {d['job_ms_max']} ms over {d['jobs_timed']} jobs")
