@@ -189,3 +189,23 @@ def test_download_cut_short_resumes_with_range(jobsd, iot, ota_device, cuts, kee
             assert len(dev.boots()) == 1, "a failed download never switches the boot slot"
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("fails,status", [(2, "SUCCEEDED"), (-1, "FAILED")])
+def test_server_errors_are_retried(jobsd, iot, ota_device, fails, status):
+    """503 twice, then the image: SUCCEEDED; 500 for ever: FAILED DOWNLOAD_FAILED after the first
+    try and 4 retries, the running slot kept."""
+    img = make_image("2.0.0", size=64 * 1024)
+    srv = FlakyServer(img, fail_status=503 if fails > 0 else 500, fails=fails)
+    try:
+        thing = f"ota-5xx-{fails}"
+        dev = ota_device(thing, [native("unused", img, "2.0.0", url=srv.url + "fw.bin")])
+        got, details = result(iot, dev, thing, 0, 90)
+        assert got == status, details
+        if status == "FAILED":
+            assert details["reason"] == "DOWNLOAD_FAILED" and len(srv.ranges) == 5, (details, srv.ranges)
+            assert len(dev.boots()) == 1
+        else:
+            assert details["version"] == "2.0.0" and len(srv.ranges) == 3, srv.ranges
+    finally:
+        srv.stop()

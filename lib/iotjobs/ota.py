@@ -3,6 +3,7 @@
 # "version", "allowDowngrade"}` and AWS OTA's `{"afr_ota": {"files": [{"update_data_url",
 # "filesize", "sig-sha256-ecdsa"}]}}` (HTTP protocol).
 #
+# A lost link, a body cut short or a 5xx answer resumes from the last whole block (4 retries).
 # Streams the image block by block through one reused 4 KB buffer into the next OTA slot,
 # hashing as it writes, checkpointing the offset every 16 blocks (a power cut resumes with HTTP
 # Range after re-hashing what the slot holds). Before set_boot: size, SHA-256 and the ECDSA
@@ -174,6 +175,8 @@ class Ota(Handler):
                         raise JobFailed("DOWNLOAD_FAILED", e2.reason)
                 else:
                     raise JobFailed("DOWNLOAD_FAILED", e.reason)
+            elif e.status >= 500:
+                raise _Cut("DOWNLOAD_FAILED")  # the server's trouble: retried like a cut
             else:
                 raise JobFailed("DOWNLOAD_FAILED", e.reason)
         bs = len(buf)
