@@ -8,7 +8,8 @@
 #    "progress_min_ms": 5000, "step_timeout_min": null, "handler_timeout_s": 600,
 #    "download": {"root": "data", "allow": ["https://my-bucket.s3.amazonaws.com/"], "ca": "..."},
 #    "ota": {"pubkey": "certs/ota-pub.der", "allow": [...]},
-#    "app": {"root": "app.d", "max_tries": 3, "allow": [...], "pubkey": ..., "settings": {...}}}
+#    "app": {"root": "app.d", "max_tries": 3, "allow": [...], "pubkey": ..., "settings": {...}},
+#    "commands": true}
 # "app": false turns application updates off; pubkey and allow default to those of "ota".
 # "tls" absent means plain TCP (only for a local broker).
 import json
@@ -19,8 +20,21 @@ import platform
 CONFIG = "config.json"
 
 
-def log(msg):
-    print("[%d] %s" % (time.ticks_ms(), msg))
+_RANK = {"error": 0, "warning": 1, "info": 2, "debug": 3}
+
+
+class Logger:
+    """log(msg[, level]): a line on the console when `level` is within `log.level` (the
+    set-log-level command changes it until the next boot)."""
+
+    level = "info"
+
+    def __call__(self, msg, level="info"):
+        if _RANK.get(level, 2) <= _RANK.get(self.level, 2):
+            print("[%d] %s" % (time.ticks_ms(), msg))
+
+
+log = Logger()
 
 
 def load_config(path=CONFIG):
@@ -221,7 +235,39 @@ def build(cfg):
         on_point=halt_hook(cfg.get("halt_at")),
     )
     runner.app = state
+    if cfg.get("commands", True) is not False:
+        runner.commands = commands(runner, client, cfg)
     return runner
+
+
+def _builtin(name, *extra):
+    """A built-in command handler of iotjobs.cmdbuiltin, imported on its first use."""
+
+    def handler(ctx, args):
+        from iotjobs import cmdbuiltin
+
+        return getattr(cmdbuiltin, name)(ctx, args, *extra)
+
+    return handler
+
+
+def commands(runner, client, cfg):
+    """AWS IoT commands (iotjobs.commands) with the built-in handlers: ping, reboot,
+    get-config (no secrets), set-log-level."""
+    from iotjobs import commands as C
+    from iotjobs.journal import Journal
+
+    c = C.Commands(client, Journal("commands.json", log), runner.journal, log=log,
+                   reset=platform.reset, on_point=runner.on_point)
+    c.register("ping", _builtin("ping"))
+    c.register("reboot", _builtin("reboot"))
+    c.register("get-config", _builtin("get_config", cfg))
+    c.register("set-log-level", _builtin("set_log_level", log))
+    if cfg.get("test_handlers"):
+        import testhandlers
+
+        c.register("effect", testhandlers.command_effect)
+    return c
 
 
 def app_config(cfg):
@@ -249,6 +295,8 @@ def selftest(runner, cfg):
     """A new firmware image confirms itself once it has reached the broker and the jobs service
     (the first answer to a request); one that fails its self-test resets at once, and the
     bootloader returns to the previous image. Before the confirmation no reset may happen."""
+    if not platform.ota_pending():
+        return
     st = platform.ota_state()
     if not st or not st.get("pending"):
         return

@@ -48,12 +48,35 @@ def ota_state():
     partitions. `pending`: this image must confirm itself (mark_app_valid_cancel_rollback) or
     the next reset rolls it back; `rolled_back`: at this boot the bootloader abandoned an
     unconfirmed image (`last_invalid` says which, and stays until that slot is reused)."""
+    import sys
+
+    loaded = "esp32sim" in sys.modules
     import esp32sim
 
     try:
         return esp32sim.ota_state()
     except OSError:
         return None
+    finally:
+        if not loaded:  # the twin's code is heap on the unix port: let it go again
+            del sys.modules["esp32sim"]
+
+
+def ota_pending():
+    """True when the running image is on trial (PENDING_VERIFY) and must confirm itself. Cheap:
+    reads otadata without loading the Partition twin (checked at every boot)."""
+    import os
+    import json
+
+    folder = os.getenv("IOTJOBS_OTA")
+    if not folder:
+        return False
+    try:
+        with open(folder + "/otadata.json") as f:
+            od = json.load(f)
+        return od["state"].get(os.getenv("IOTJOBS_RUNNING") or "ota_0") == "PENDING_VERIFY"
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
 
 
 def firmware_version():

@@ -48,3 +48,13 @@ class Rerun(Effect):
             f.write(ctx.id + "\n")
         ctx.point("handler-after-effect")
         return {"effects": "1"}
+
+
+def command_effect(ctx, args):
+    """Command handler with one side effect that must never happen twice: appends the
+    execution id to command-effects.log, between two named points."""
+    ctx.commands.point("command-before-effect")
+    with open("command-effects.log", "a") as f:
+        f.write(ctx.id + "\n")
+    ctx.commands.point("command-after-effect")
+    return {"effects": "1"}

@@ -62,6 +62,30 @@ def files(tmp_path):
     return d
 
 
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory, pki: PKI):
+    """One mosquitto for a whole test module (modules that work on fresh names per test)."""
+    m = stack.Mosquitto(str(tmp_path_factory.mktemp("broker")), pki)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture(scope="module")
+def module_jobsd(request, module_broker, tmp_path_factory):
+    """One jobsd for a whole test module on `module_broker`. The module may set JOBSD_EXTRA
+    (more command-line options) and JOBSD_FILES (the name of a fixture giving its --files)."""
+    files = getattr(request.module, "JOBSD_FILES", None)
+    service = stack.Jobsd(str(tmp_path_factory.mktemp("jobsd")), module_broker.broker,
+                          files=str(request.getfixturevalue(files)) if files else None,
+                          extra=list(getattr(request.module, "JOBSD_EXTRA", [])))
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture
 def jobsd(tmp_path, mosquitto, procs, files) -> stack.Jobsd:
     j = stack.Jobsd(str(tmp_path / "jobsd"), mosquitto.broker, files=str(files))

@@ -118,3 +118,66 @@ def test_a_thing_can_use_its_own_topics(pair, iot):
     topic, payload = a.next_message()
     assert topic == jobs("thing-a", "start-next/accepted")
     assert json.loads(payload)["execution"]["jobId"] == "mine"
+
+
+def commands(thing, suffix):
+    return f"$aws/commands/things/{thing}/executions/{suffix}"
+
+
+def test_acl_file_has_the_commands_topics(mosquitto):
+    with open(os.path.join(os.path.dirname(mosquitto.conf), "things.acl")) as f:
+        acl = f.read().splitlines()
+    for kind, who in (("things", "%u"), ("clients", "%c")):
+        prefix = f"$aws/commands/{kind}/{who}/executions/+/"
+        assert f"pattern read {prefix}request/#" in acl
+        assert f"pattern write {prefix}response/json" in acl
+        assert f"pattern read {prefix}response/accepted/json" in acl
+        assert f"pattern read {prefix}response/rejected/json" in acl
+    # a device publishes only its reports: never a request, a reply or an event
+    writes = [line for line in acl if line.startswith("pattern write $aws/commands/")]
+    assert all(line.endswith("/response/json") for line in writes), writes
+
+
+def test_commands_each_thing_on_its_own_topics(pair, iot, jobsd):
+    """Subscribe, receive and publish on commands topics: a thing reaches its own executions
+    (as the AWS guide's sample policy allows) and nothing of another thing's."""
+    a, b = pair
+    for topic in (commands("thing-a", "+/request/#"), commands("thing-a", "+/request/json"),
+                  commands("thing-a", "+/request/cbor"), commands("thing-a", "+/request"),
+                  commands("thing-a", "+/response/accepted/json"),
+                  commands("thing-a", "+/response/rejected/json"),
+                  "$aws/commands/clients/thing-a/executions/+/request/#"):  # its client id
+        assert a.subscribe(topic) == 1, topic
+    assert b.subscribe(commands("thing-b", "+/request/#")) == 1
+    for topic in (commands("thing-b", "+/request/#"), commands("thing-b", "+/response/+/json"),
+                  "$aws/commands/things/+/executions/+/request/json", "$aws/commands/#",
+                  "$aws/commands/clients/thing-b/executions/+/request/#",
+                  "$aws/events/commandExecution/+/#", commands("thing-a", "+/response/json")):
+        rc = a.subscribe(topic)
+        assert rc in (0x80, 1), (topic, rc)  # refused, or granted and delivers nothing
+    iot.create_command(commandId="ping", payload={"content": b'{"command": "ping"}',
+                                                  "contentType": "application/json"})
+    start = jobsd.data.start_command_execution
+    for_b = start(targetArn=thing_arn("thing-b"),
+                  commandArn="arn:aws:iot:us-east-1:123456789012:command/ping")["executionId"]
+    for_a = start(targetArn=thing_arn("thing-a"),
+                  commandArn="arn:aws:iot:us-east-1:123456789012:command/ping")["executionId"]
+    topic, payload = b.next_message()
+    assert topic == commands("thing-b", f"{for_b}/request/json") and b"ping" in payload
+    # jobsd delivered b's request first: all a got up to its own is all it could get of b's
+    seen = []
+    while not seen or seen[-1] != commands("thing-a", f"{for_a}/request/json"):
+        seen.append(a.next_message()[0])
+    assert all(t.startswith(commands("thing-a", "")) for t in seen), seen
+    # publishing: b's report topic and a forged reply of its own are dropped by the broker;
+    # a's own report reaches jobsd and its reply comes back
+    a.publish(commands("thing-b", f"{for_b}/response/json"), b'{"status": "SUCCEEDED"}')
+    a.publish(commands("thing-a", f"{for_a}/response/accepted/json"), b'{"executionId": "forged"}')
+    a.publish(commands("thing-a", f"{for_a}/response/json"), b'{"status": "SUCCEEDED"}')
+    topic, payload = a.next_message()
+    assert topic == commands("thing-a", f"{for_a}/response/accepted/json")
+    assert json.loads(payload) == {"executionId": for_a}
+    status = iot.get_command_execution(executionId=for_b, targetArn=thing_arn("thing-b"))["status"]
+    assert status == "CREATED"
+    assert iot.get_command_execution(executionId=for_a,
+                                     targetArn=thing_arn("thing-a"))["status"] == "SUCCEEDED"

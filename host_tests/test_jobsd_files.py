@@ -23,7 +23,6 @@ from botocore.exceptions import ClientError
 
 from iotjobs_host import stack
 from iotjobs_host.jobsd.files import FileStore
-from iotjobs_host.pki import PKI
 from iotjobs_host.stack import Jobsd
 from test_jobsd import Device, arn, error_code
 
@@ -54,23 +53,18 @@ def files_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[stack.Mosquitto]:
-    m = stack.Mosquitto(str(tmp_path_factory.mktemp("broker")), pki)
-    try:
-        yield m
-    finally:
-        m.stop()
+JOBSD_FILES = "files_dir"
 
 
 @pytest.fixture(scope="module")
-def jobsd(broker: stack.Mosquitto, files_dir: Path,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobsd]:
-    service = Jobsd(str(tmp_path_factory.mktemp("jobsd")), broker.broker, files=str(files_dir))
-    try:
-        yield service
-    finally:
-        service.stop()
+def broker(module_broker: stack.Mosquitto) -> stack.Mosquitto:
+    return module_broker
+
+
+@pytest.fixture(scope="module")
+def jobsd(module_jobsd: Jobsd) -> Jobsd:
+    """One jobsd for the module (conftest); each test works on fresh names."""
+    return module_jobsd
 
 
 @pytest.fixture

@@ -15,27 +15,19 @@ import pytest
 from botocore.exceptions import ClientError
 
 from iotjobs_host import stack
-from iotjobs_host.pki import PKI
 from iotjobs_host.stack import Jobsd
 from test_jobsd import ACCOUNT, REGION, Device, arn, error_code
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[stack.Mosquitto]:
-    m = stack.Mosquitto(str(tmp_path_factory.mktemp("broker")), pki)
-    try:
-        yield m
-    finally:
-        m.stop()
+def broker(module_broker: stack.Mosquitto) -> stack.Mosquitto:
+    return module_broker
 
 
 @pytest.fixture(scope="module")
-def jobsd(broker: stack.Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobsd]:
-    service = Jobsd(str(tmp_path_factory.mktemp("jobsd")), broker.broker)
-    try:
-        yield service
-    finally:
-        service.stop()
+def jobsd(module_jobsd: Jobsd) -> Jobsd:
+    """One jobsd for the module (conftest); each test works on fresh names."""
+    return module_jobsd
 
 
 @pytest.fixture
@@ -393,13 +385,13 @@ def test_delete_job_execution_bad_execution_number(jobsd: Jobsd) -> None:
         conn.close()
 
 
-# -- StartCommandExecution (not implemented yet) -----------------------------------------------
+# -- StartCommandExecution (commands: test_jobsd_commands.py) -----------------------------------
 
-def test_start_command_execution_is_a_clear_error(jobsd: Jobsd) -> None:
+def test_start_command_execution_of_an_unknown_command(jobsd: Jobsd) -> None:
     with pytest.raises(ClientError) as err:
         jobsd.data.start_command_execution(
             targetArn=arn("some-thing"),
             commandArn=f"arn:aws:iot:{REGION}:{ACCOUNT}:command/reboot",
             parameters={"delay": {"I": 5}}, executionTimeoutSeconds=60)
-    assert error_code(err) == ("ValidationException", 400)
-    assert "not implemented yet" in err.value.response["Error"]["Message"]
+    assert error_code(err) == ("ResourceNotFoundException", 404)
+    assert "reboot" in err.value.response["Error"]["Message"]

@@ -562,15 +562,20 @@ class TestDataPlane:
                                                            status="IN_PROGRESS"),
                      "InvalidStateTransitionException", 409)
 
-    def test_start_command_execution_not_implemented(self, svc: Service, thing: str) -> None:
-        with pytest.raises(ClientError) as err:
+    def test_start_command_execution(self, svc: Service, thing: str) -> None:
+        with pytest.raises(ClientError) as err:  # no such command yet
             svc.data.start_command_execution(
                 targetArn=arn(thing), commandArn=f"arn:aws:iot:{REGION}:{ACCOUNT}:command/reboot",
                 parameters={"delay": {"I": 5}}, executionTimeoutSeconds=60)
-        code, status = error_of(err)
-        assert 400 <= status < 600
-        assert "not implemented" in err.value.response["Error"]["Message"].lower()
-        assert code  # a modelled shape name, so the SDK raises a typed error
+        assert error_of(err) == ("ResourceNotFoundException", 404)
+        command = unique("sdk-cmd")
+        svc.iot.create_command(commandId=command, payload={"content": b"{}",
+                                                           "contentType": "application/json"})
+        execution = svc.data.start_command_execution(
+            targetArn=arn(thing), commandArn=f"arn:aws:iot:{REGION}:{ACCOUNT}:command/{command}",
+            parameters={"delay": {"I": 5}}, executionTimeoutSeconds=60)["executionId"]
+        got = svc.iot.get_command_execution(executionId=execution, targetArn=arn(thing))
+        assert got["status"] == "CREATED" and got["parameters"] == {"delay": {"I": 5}}
 
 
 # -- boto3 iot (the control plane) ----------------------------------------------------------------

@@ -21,30 +21,24 @@ import pytest
 from botocore.exceptions import ClientError
 
 from iotjobs_host import stack
-from iotjobs_host.pki import PKI
 from iotjobs_host.stack import Jobsd
 from test_jobsd import Device, arn, error_code
 
 MINUTE = 0.2  # seconds per timer minute in these tests
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[stack.Mosquitto]:
-    m = stack.Mosquitto(str(tmp_path_factory.mktemp("broker")), pki)
-    try:
-        yield m
-    finally:
-        m.stop()
+JOBSD_EXTRA = ["--minute-seconds", str(MINUTE)]
 
 
 @pytest.fixture(scope="module")
-def jobsd(broker: stack.Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobsd]:
-    service = Jobsd(str(tmp_path_factory.mktemp("jobsd")), broker.broker,
-                    extra=["--minute-seconds", str(MINUTE)])
-    try:
-        yield service
-    finally:
-        service.stop()
+def broker(module_broker: stack.Mosquitto) -> stack.Mosquitto:
+    return module_broker
+
+
+@pytest.fixture(scope="module")
+def jobsd(module_jobsd: Jobsd) -> Jobsd:
+    """One jobsd for the module (conftest); each test works on fresh names."""
+    return module_jobsd
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ class JobsClient:
         # False when the queue emptied, None when none came. Not parsed: only the trigger matters.
         self.next_event = None
         self.on_sent = None  # called with the request's accepted code once it is published
+        self.on_other = None  # gets (topic, msg) of messages on topics that are not jobs topics
         self.replied = False
         self.dropped = 0  # messages that were foreign, stale or malformed
         transport.set_callback(self._on_message)
@@ -43,6 +44,9 @@ class JobsClient:
         # parsing: foreign topics and replies nobody waits for are dropped before any JSON.
         code = self.topics.match(topic)
         want = self._want
+        if code == T.NONE and self.on_other is not None:
+            self.on_other(topic, msg)  # not a jobs topic: the commands module's, or foreign
+            return
         if code == T.NONE or (code != T.NOTIFY_NEXT and not (want and (code == want or code == want + 1))):
             self.dropped += 1
             return

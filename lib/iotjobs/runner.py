@@ -188,6 +188,7 @@ class Runner:
         self.reset_grace_ms = reset_grace_ms
         self.on_online = None
         self.tick = None  # called about once per poll_ms while idle (the application's hook)
+        self.commands = None  # iotjobs.commands.Commands: run between job steps
         self.version = None  # versionNumber of the current execution, as last seen
         self.jobs_done = 0
         self._want_next = True
@@ -226,6 +227,8 @@ class Runner:
                     t.reconnect(self.sleep_ms)
                     if not t.subs:
                         self.client.subscribe()
+                        if self.commands is not None:
+                            self.commands.subscribe()
                     self.log("connected")
                     self._want_next = True
                     self._recover = True
@@ -269,6 +272,9 @@ class Runner:
             if j.job is not None and not self._reconcile():
                 return
             self._recover = False
+        c = self.commands
+        if c is not None and c.busy() and c.step():
+            return
         now = time.ticks_ms()
         if time.ticks_diff(now, self._last_check) >= self.recheck_ms:
             self._want_next = True

@@ -284,6 +284,44 @@ class Bench:
                 spy.stop()
         return boots, lat
 
+    def command_latency(self, n: int = 20) -> dict:
+        """A `ping` command n times on one TLS device: from the request's publication to the
+        report's acceptance as a spy sees them (device round trip), and from the REST call
+        StartCommandExecution to that acceptance (end to end)."""
+        self.n += 1
+        thing = f"cmd-{self.n}"
+        self.jobsd.iot.create_thing(thingName=thing)
+        times: list[tuple[float, str, object]] = []
+        spy = stack.Spy(self.mosq.port, thing, commands=True,
+                        on_message=lambda t, p: times.append((time.monotonic(), t, p)))
+        dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
+                           tls_dir=self.pki.thing(thing), heap="96K")
+        cmd = f"ping-{self.n}"
+        self.jobsd.iot.create_command(commandId=cmd, payload={
+            "content": b'{"command": "ping"}', "contentType": "application/json"})
+        device_rt: list[float] = []
+        e2e: list[float] = []
+        try:
+            stack.wait_until(lambda: "heap free=" in dev.log_text(10**6), 30, "the device online")
+            for _ in range(n):
+                t0 = time.monotonic()
+                eid = self.jobsd.data.start_command_execution(
+                    targetArn=ARN + thing, commandArn=ARN.replace(":thing/", ":command/") + cmd,
+                    executionTimeoutSeconds=10)["executionId"]
+                acc = f"/executions/{eid}/response/accepted/json"
+                stack.wait_until(lambda a=acc: any(t.endswith(a) for _, t, _ in times), 10,
+                                 "the report accepted", 0.001)
+                req = next(ts for ts, t, _ in times if t.endswith(f"/executions/{eid}/request/json"))
+                end = next(ts for ts, t, _ in times if t.endswith(acc))
+                device_rt.append(end - req)
+                e2e.append(end - t0)
+        finally:
+            dev.stop()
+            spy.stop()
+        return {"device_ms_median": round(statistics.median(device_rt) * 1000, 1),
+                "end_to_end_ms_median": round(statistics.median(e2e) * 1000, 1),
+                "end_to_end_ms_max": round(max(e2e) * 1000, 1), "commands": n}
+
 
 CORE = ("iotjobs/topics.mpy", "iotjobs/codec.mpy", "iotjobs/transport.mpy", "iotjobs/client.mpy",
         "iotjobs/journal.mpy", "iotjobs/runner.mpy")
@@ -340,6 +378,7 @@ def device_figures(work: str) -> dict:
         ota_s = b.ota(160)
         ota_heap = b.ota_heap_min_kb()
         app = b.app_update()
+        cmd = b.command_latency()
         if app:
             app["heap_min_kb"] = b.app_heap_min_kb()
     finally:
@@ -362,6 +401,7 @@ def device_figures(work: str) -> dict:
         "ota_heap_min_kb": ota_heap,
         "ecdsa_verify_ms": ecdsa_ms(),
         "app_update": app,
+        "command_ping": cmd,
         "journal_writes_per_job": round(tp["writes"] / tp["jobs"], 2),
         "journal_bytes_per_job": round(tp["bytes"] / tp["jobs"], 1),
         "core_bytes": sum(sizes.get(m, 0) for m in CORE),
@@ -399,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: app-update, {a.get('files')} files / {a.get('bytes')} bytes  : staged, "
               f"verified and switched in {a.get('staged_s')} s; confirmed after the reset at "
               f"{a.get('confirmed_s')} s; smallest heap {a.get('heap_min_kb')} KB")
+        c = d["command_ping"]
+        print(f"device: ping command, request -> report accepted : median {c['device_ms_median']} ms; "
+              f"from StartCommandExecution median {c['end_to_end_ms_median']} ms, "
+              f"max {c['end_to_end_ms_max']} ms")
         print(f"device: boot to first start-next (median)       : {d['boot_to_ready_ms']} ms")
         print(f"device: notify-next to SUCCEEDED accepted       : median {d['job_ms_median']} ms, "
               f"max {d['job_ms_max']} ms over {d['jobs_timed']} jobs")

@@ -269,7 +269,9 @@ class Device:
 class Spy:
     """A paho client on the plain listener that records every jobs message of one thing."""
 
-    def __init__(self, broker_port: int, thing: str, on_message=None) -> None:
+    def __init__(self, broker_port: int, thing: str, on_message=None,
+                 commands: bool = False) -> None:
+        """`commands`: also record the thing's AWS IoT commands topics."""
         import threading
 
         import paho.mqtt.client as mqtt
@@ -282,7 +284,10 @@ class Spy:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.connect("127.0.0.1", broker_port)
-        self.client.subscribe(f"$aws/things/{thing}/jobs/#", qos=1)
+        filters = [(f"$aws/things/{thing}/jobs/#", 1)]
+        if commands:
+            filters.append((f"$aws/commands/things/{thing}/executions/#", 1))
+        self.client.subscribe(filters)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise TimeoutError("spy did not subscribe")

@@ -8,13 +8,19 @@ outside their subtree. jobsd itself connects on the loopback plain listener, whi
 
 Mirrors the permissions the AWS IoT Jobs documentation gives a device policy
 (`iot:Publish` on the request topics, `iot:Subscribe`/`iot:Receive` on the reply and event
-topics), plus the AWS IoT commands topics of the thing."""
+topics), plus the AWS IoT commands topics as the commands guide's sample policies grant them:
+receive `.../executions/<E>/request[/json|/cbor]` (subscribe with `+` for `<E>`, or
+`.../+/request/#` for all three forms), publish only `.../response/json`, receive
+`.../response/accepted/json` and `.../response/rejected/json`; for a thing under
+`$aws/commands/things/<CN>/`, for an MQTT-client target under `$aws/commands/clients/<client id>/`
+(`%c`, the policy's `${iot:ClientId}`). Status events (`$aws/events/...`) are not for devices."""
 from __future__ import annotations
 
 import os
 
 _JOBS = "$aws/things/%u/jobs/"
 _COMMANDS = "$aws/commands/things/%u/executions/"
+_CLIENT_COMMANDS = "$aws/commands/clients/%c/executions/"
 
 # (access, topic pattern); subscriptions must fall inside a `read` pattern.
 RULES: tuple[tuple[str, str], ...] = (
@@ -28,11 +34,12 @@ RULES: tuple[tuple[str, str], ...] = (
     ("read", _JOBS + "start-next/+"),
     ("read", _JOBS + "+/get/+"),
     ("read", _JOBS + "+/update/+"),
-    ("read", _COMMANDS + "+/request"),
-    ("read", _COMMANDS + "+/request/+"),
-    ("write", _COMMANDS + "+/response/json"),
-    ("read", _COMMANDS + "+/response/+/json"),
-)
+) + tuple(rule for prefix in (_COMMANDS, _CLIENT_COMMANDS) for rule in (
+    ("read", prefix + "+/request/#"),
+    ("write", prefix + "+/response/json"),
+    ("read", prefix + "+/response/accepted/json"),
+    ("read", prefix + "+/response/rejected/json"),
+))
 
 
 def render() -> str:

@@ -1,14 +1,16 @@
 """The `iot` control-plane subset on `--control`: paths and members as boto3's `iot` client
 sends them (botocore `iot/2015-05-28/service-2.json`, restJson1).
 
-Only routing and query/label decoding live here; behaviour is in `Service`.
+Only routing and query/label decoding live here; behaviour is in `Service`. The AWS IoT commands
+operations report malformed input as ValidationException (their model has no
+InvalidRequestException); DeleteCommand answers 202 or 204 as its `statusCode` says.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from .rest import Request, Router
+from .rest import Reply, Request, Router
 from .rules import ALL_STATUSES, ApiError, parse_long
 from .service import Service
 
@@ -116,6 +118,34 @@ def build_router(service: Service) -> Router:
                                                   req.q_bool("recursive", False),
                                                   req.q_int("maxResults"), req.q_str("nextToken"))
 
+    def create_command(req: Request) -> dict[str, Any]:
+        return service.create_command(req.labels["commandId"], req.body)
+
+    def get_command(req: Request) -> dict[str, Any]:
+        return service.get_command(req.labels["commandId"])
+
+    def list_commands(req: Request) -> dict[str, Any]:
+        return service.list_commands(req.q_str("namespace"), req.q_str("commandParameterName"),
+                                     req.q_str("sortOrder"), req.q_int("maxResults"),
+                                     req.q_str("nextToken"))
+
+    def update_command(req: Request) -> dict[str, Any]:
+        return service.update_command(req.labels["commandId"], req.body)
+
+    def delete_command(req: Request) -> Reply:
+        return Reply(service.delete_command(req.labels["commandId"]), {})
+
+    def get_command_execution(req: Request) -> dict[str, Any]:
+        return service.get_command_execution(req.labels["executionId"], req.q_str("targetArn"),
+                                             req.q_bool("includeResult", True))
+
+    def list_command_executions(req: Request) -> dict[str, Any]:
+        return service.list_command_executions(req.body, req.q_int("maxResults"),
+                                               req.q_str("nextToken"))
+
+    def delete_command_execution(req: Request) -> None:
+        service.delete_command_execution(req.labels["executionId"], req.q_str("targetArn"))
+
     router.add("POST", "/things/{thingName}", create_thing)
     router.add("GET", "/things/{thingName}", describe_thing)
     router.add("GET", "/things", list_things)
@@ -140,4 +170,14 @@ def build_router(service: Service) -> Router:
     router.add("GET", "/thing-groups", list_thing_groups)
     router.add("GET", "/thing-groups/{thingGroupName}/things", list_things_in_thing_group)
     router.add("GET", "/things/{thingName}/thing-groups", list_thing_groups_for_thing)
+    commands = (("PUT", "/commands/{commandId}", create_command),
+                ("GET", "/commands/{commandId}", get_command),
+                ("GET", "/commands", list_commands),
+                ("PATCH", "/commands/{commandId}", update_command),
+                ("DELETE", "/commands/{commandId}", delete_command),
+                ("GET", "/command-executions/{executionId}", get_command_execution),
+                ("POST", "/command-executions", list_command_executions),
+                ("DELETE", "/command-executions/{executionId}", delete_command_execution))
+    for method, template, handler in commands:
+        router.add(method, template, handler, "ValidationException")
     return router

@@ -3,6 +3,10 @@ device API: same service calls, REST spellings (jobDocument as a JSON string, no
 or timestamp), and MQTT codes mapped to the modelled exception shapes (section 2.3).
 VersionMismatch has no REST shape; it is answered 409 InvalidStateTransitionException with a
 message naming the mismatch (PROTOCOL.md 8, A3).
+
+StartCommandExecution (PROTOCOL.md 2.5) shares the endpoint; its errors are the shapes its model
+lists (ValidationException, ConflictException, ResourceNotFoundException), malformed bodies
+included.
 """
 
 from __future__ import annotations
@@ -90,16 +94,12 @@ def build_router(service: Service) -> Router:
             out["jobDocument"] = document
         return out
 
-    def start_command_execution(_: Request) -> None:
-        # Until AWS IoT commands land in jobsd: a modelled error shape of this operation, so
-        # boto3 raises a ClientError whose message says what is going on.
-        raise ApiError("ValidationException", 400,
-                       "StartCommandExecution is not implemented yet: jobsd does not support"
-                       " AWS IoT commands yet")
+    def start_command_execution(req: Request) -> dict[str, Any]:
+        return service.start_command_execution(req.body)
 
     router.add("GET", "/things/{thingName}/jobs", get_pending)
     router.add("GET", "/things/{thingName}/jobs/{jobId}", describe)
     router.add("PUT", "/things/{thingName}/jobs/$next", start_next)
     router.add("POST", "/things/{thingName}/jobs/{jobId}", update)
-    router.add("POST", "/command-executions", start_command_execution)
+    router.add("POST", "/command-executions", start_command_execution, "ValidationException")
     return router

@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, sqlite3.Error, RuntimeError) as err:
         log.error("cannot open database %s: %s", args.db, err)
         return 1
-    service = Service(store, lambda topic, payload: None, region=args.region,
+    service = Service(store, lambda topic, payload, delivery=None: None, region=args.region,
                       account=args.account, minute_seconds=args.minute_seconds)
     servers: list[RestServer] = []
     bridge: Optional[MqttBridge] = None

@@ -2,8 +2,14 @@
 
 `answer()` is the pure part: topic and payload in, reply topic and payload out, nothing raised.
 `MqttBridge` is the paho plumbing around it: one connection (client id `jobsd`) that
-subscribes to `$aws/things/+/jobs/#`, feeds requests to `answer()`, publishes replies and the
-service's events at QoS 1, and reconnects and resubscribes when the broker goes away.
+subscribes to `$aws/things/+/jobs/#` and to the AWS IoT commands response topic
+`$aws/commands/+/+/executions/+/response/json`, feeds requests to `answer()`, publishes replies
+and the service's events at QoS 1, and reconnects and resubscribes when the broker goes away.
+
+A commands report is answered on `.../response/accepted/json` with `{"executionId": E}` or on
+`.../response/rejected/json` with `{"error", "errorMessage", "executionId"}`: other member
+names than the jobs rejections, and no clientToken (PROTOCOL.md 1.11, A12). Only JSON reports
+are served; `.../response/cbor` is not subscribed.
 
 The subscription is No Local (MQTT 5), so the broker does not echo jobsd's own replies and
 events; reply and event topics published by anyone else (a device forging `.../accepted`) are
@@ -19,16 +25,19 @@ from typing import Any, Optional
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from . import commands as cmds
 from . import views
 from .rules import (NEXT, DeviceError, check_client_token, parse_json, parse_describe, parse_start_next,
                     parse_update, valid_job_id, valid_thing_name)
-from .service import Service, encode
+from .service import Delivery, Service, encode
 
 log = logging.getLogger("jobsd.mqtt")
 
-SUBSCRIPTION = "$aws/things/+/jobs/#"
+SUBSCRIPTIONS = ("$aws/things/+/jobs/#", cmds.RESPONSE_SUBSCRIPTION)
 MAX_INFLIGHT = 0  # paho: 0 = no limit (a limit makes every PUBACK scan all in-flight messages)
 
 # Request kinds a topic can name.
@@ -68,6 +77,8 @@ def route(topic: str) -> Optional[tuple[str, str, Optional[str]]]:
 
 def answer(service: Service, topic: str, payload: bytes) -> Optional[tuple[str, bytes]]:
     """Handle one request; return the reply to publish, or None when the topic is no request."""
+    if topic.startswith("$aws/commands/"):
+        return answer_command(service, topic, payload)
     target = route(topic)
     if target is None:
         return None
@@ -94,6 +105,32 @@ def answer(service: Service, topic: str, payload: bytes) -> Optional[tuple[str, 
         log.exception("internal error answering %s", topic)
         err = DeviceError("InternalError", "Internal error")
         return topic + "/rejected", encode(_rejection(service, err, token))
+
+
+def answer_command(service: Service, topic: str, payload: bytes) -> Optional[tuple[str, bytes]]:
+    """UpdateCommandExecution: a device's report on `.../executions/<E>/response/json`."""
+    target = cmds.route_response(topic)
+    if target is None:
+        return None
+    kind, name, execution_id = target
+    base = topic[:-len("/json")]  # .../executions/<E>/response
+    try:
+        if not kind or not cmds.valid_target_name(name) or not cmds.valid_id(execution_id):
+            raise DeviceError("InvalidTopic", f"Topic {topic} does not name a command execution")
+        try:
+            body: Any = parse_json(payload)
+        except ValueError:
+            raise DeviceError("InvalidJson", "Payload is not valid UTF-8 JSON") from None
+        service.update_command_execution(kind, name, execution_id, cmds.parse_update(body))
+        return base + "/accepted/json", encode({"executionId": execution_id})
+    except DeviceError as err:
+        return base + "/rejected/json", encode({"error": err.code, "errorMessage": err.message,
+                                                 "executionId": execution_id})
+    except Exception:  # never let one bad report take the bridge down
+        log.exception("internal error answering %s", topic)
+        return base + "/rejected/json", encode({"error": "InternalError",
+                                                 "errorMessage": "Internal error",
+                                                 "executionId": execution_id})
 
 
 def _rejection(service: Service, err: DeviceError, token: Optional[str]) -> dict[str, Any]:
@@ -185,8 +222,14 @@ class MqttBridge:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self._client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes, delivery: Optional[Delivery] = None) -> None:
+        properties = None
+        if delivery is not None:  # a command request: MQTT 5 content type and expiry
+            properties = Properties(PacketTypes.PUBLISH)
+            if delivery.content_type:
+                properties.ContentType = delivery.content_type
+            properties.MessageExpiryInterval = delivery.expiry_seconds
+        info = self._client.publish(topic, payload, qos=1, properties=properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.warning("publish to %s queued while disconnected (rc=%s)", topic, info.rc)
 
@@ -196,8 +239,10 @@ class MqttBridge:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
-        log.info("connected to %s:%d, subscribing %s", self._host, self._port, SUBSCRIPTION)
-        client.subscribe(SUBSCRIPTION, options=SubscribeOptions(qos=1, noLocal=True))
+        log.info("connected to %s:%d, subscribing %s", self._host, self._port,
+                 " and ".join(SUBSCRIPTIONS))
+        client.subscribe([(topic, SubscribeOptions(qos=1, noLocal=True))
+                          for topic in SUBSCRIPTIONS])
 
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
                        _props: Any) -> None:
@@ -210,7 +255,7 @@ class MqttBridge:
     def _on_subscribe(self, _client: paho.Client, _userdata: Any, _mid: int, reasons: Any,
                       _props: Any) -> None:
         if any(r.is_failure for r in reasons):
-            log.error("broker refused the subscription %s: %s", SUBSCRIPTION, reasons)
+            log.error("broker refused the subscriptions %s: %s", SUBSCRIPTIONS, reasons)
             return
         self.subscribed.set()
 

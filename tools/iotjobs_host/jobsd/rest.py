@@ -7,6 +7,11 @@ labels are percent-encoded (`$next` arrives as `%24next`), and an error is signa
 JSON, unknown paths, an exception in a handler) still gets a well-formed error, so an SDK
 always raises a ClientError instead of failing to parse the reply.
 
+A handler returns the JSON body of a 200, or a `Reply` for another success status (DeleteCommand
+answers 202 or 204; a 204 carries no body). A route can name the error shape its malformed
+input is reported as: the AWS IoT commands operations model ValidationException, the older ones
+InvalidRequestException.
+
 HTTP/1.1 with Content-Length on every reply, because boto3 keeps connections alive. When a
 FileStore is attached (`--files`, data listener only), GET/HEAD of `/files/...` are answered by
 it instead of the router.
@@ -40,6 +45,7 @@ class Request:
     labels: dict[str, str]
     query: dict[str, str]
     body: dict[str, Any]
+    invalid: str = "InvalidRequestException"  # the error shape for malformed input
 
     def q_str(self, name: str) -> Optional[str]:
         return self.query.get(name)
@@ -51,8 +57,7 @@ class Request:
         try:
             return parse_long(value)
         except ValueError:
-            raise RestError("InvalidRequestException", 400,
-                            f"{name} must be a 64-bit integer") from None
+            raise RestError(self.invalid, 400, f"{name} must be a 64-bit integer") from None
 
     def q_bool(self, name: str, default: bool) -> bool:
         value = self.query.get(name)
@@ -60,11 +65,18 @@ class Request:
             return default
         if value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise RestError("InvalidRequestException", 400, f"{name} must be true or false")
+        raise RestError(self.invalid, 400, f"{name} must be true or false")
 
 
-# A handler returns the JSON body of the 200 reply (None for an empty object).
-Handler = Callable[[Request], Optional[dict[str, Any]]]
+@dataclass
+class Reply:
+    """A success other than 200: `status` (e.g. 202, or 204 with no body) and a JSON body."""
+    status: int
+    body: dict[str, Any]
+
+
+# A handler returns the JSON body of the 200 reply (None for an empty object) or a Reply.
+Handler = Callable[[Request], Any]
 
 
 class Router:
@@ -72,13 +84,16 @@ class Router:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._routes: list[tuple[str, list[str], Handler]] = []
+        self._routes: list[tuple[str, list[str], Handler, str]] = []
 
-    def add(self, method: str, template: str, handler: Handler) -> None:
-        self._routes.append((method, template.strip("/").split("/"), handler))
+    def add(self, method: str, template: str, handler: Handler,
+            invalid: str = "InvalidRequestException") -> None:
+        """`invalid`: the error shape for a malformed body or query of this operation."""
+        self._routes.append((method, template.strip("/").split("/"), handler, invalid))
 
-    def match(self, method: str, segments: list[str]) -> Optional[tuple[Handler, dict[str, str]]]:
-        for route_method, pattern, handler in self._routes:
+    def match(self, method: str, segments: list[str]
+              ) -> Optional[tuple[Handler, dict[str, str], str]]:
+        for route_method, pattern, handler, invalid in self._routes:
             if route_method != method or len(pattern) != len(segments):
                 continue
             labels: dict[str, str] = {}
@@ -90,7 +105,7 @@ class Router:
                 elif want != got:
                     break
             else:
-                return handler, labels
+                return handler, labels, invalid
         return None
 
     def handle(self, method: str, target: str,
@@ -104,19 +119,19 @@ class Router:
             if found is None:
                 raise RestError("UnknownOperationException", 404,
                                 f"{self.name} has no operation for {method} {parts.path}")
-            handler, labels = found
+            handler, labels, invalid = found
             query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
             body: Any = {}
             if raw_body.strip():
                 try:
                     body = parse_json(raw_body)
                 except ValueError:
-                    raise RestError("InvalidRequestException", 400,
-                                    "Request body is not valid UTF-8 JSON") from None
+                    raise RestError(invalid, 400, "Request body is not valid UTF-8 JSON") from None
                 if not isinstance(body, dict):
-                    raise RestError("InvalidRequestException", 400,
-                                    "Request body must be a JSON object")
-            result = handler(Request(method, labels, query, body))
+                    raise RestError(invalid, 400, "Request body must be a JSON object")
+            result = handler(Request(method, labels, query, body, invalid))
+            if isinstance(result, Reply):
+                return result.status, result.body, {}
             return 200, result or {}, {}
         except RestError as err:
             return (err.status, {"message": err.message, **err.extra},
@@ -152,15 +167,16 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             raw = self.rfile.read(length) if length else b""
             status, body, headers = self.server.router.handle(self.command, self.path, raw)
-        data = json.dumps(body).encode()
+        data = b"" if status == 204 else json.dumps(body).encode()  # 204: no body at all
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        if status != 204:
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
         self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and data:
             self.wfile.write(data)
 
     def _discard_body(self) -> bool:

@@ -19,7 +19,10 @@ the service lock, so concurrent requests from many things are serialised, never 
 Timers are stored as absolute deadlines (epoch seconds, float) so they survive a restart:
 `timeout_at` is the effective deadline of an IN_PROGRESS execution (the step deadline, already
 capped by the in-progress deadline, else the in-progress deadline), NULL otherwise, and a partial
-index over it makes "the next deadline" and "what is due" index lookups.
+index over it makes "the next deadline" and "what is due" index lookups. AWS IoT commands keep
+theirs the same way: `command_executions.timeout_at` (creation + executionTimeoutSeconds, while
+the execution can still time out) and `commands.delete_at` (when a command pending deletion is
+removed for good); `next_deadline()` is the earliest of all three.
 """
 
 from __future__ import annotations
@@ -113,7 +116,50 @@ CREATE TABLE job_groups (                -- thing-group targets of each job
 CREATE INDEX job_groups_by_group ON job_groups (group_name);
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
+_SCHEMA_V3 = """
+CREATE TABLE commands (
+    command_id       TEXT PRIMARY KEY,
+    seq              INTEGER NOT NULL,   -- creation order (ListCommands sorts by it)
+    namespace        TEXT NOT NULL,
+    display_name     TEXT,
+    description      TEXT,
+    content          BLOB,               -- the payload bytes exactly as the operator sent them
+    content_type     TEXT,
+    mandatory        TEXT,               -- JSON list (mandatoryParameters) or NULL
+    tags             TEXT NOT NULL,      -- JSON list of Key/Value objects
+    deprecated       INTEGER NOT NULL DEFAULT 0,
+    deprecated_at    REAL,
+    delete_at        REAL,               -- pending deletion: removed for good at this time
+    created_at       REAL NOT NULL,
+    last_updated_at  REAL NOT NULL
+);
+CREATE INDEX commands_delete_at ON commands (delete_at) WHERE delete_at IS NOT NULL;
+CREATE TABLE command_executions (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order
+    execution_id     TEXT NOT NULL UNIQUE,
+    command_id       TEXT NOT NULL,
+    target_kind      TEXT NOT NULL,      -- thing or client
+    target_name      TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    status_reason    TEXT,               -- JSON object or NULL
+    result           TEXT,               -- JSON object, REST spelling (S, B, BIN), or NULL
+    parameters       TEXT,               -- JSON object, REST spelling, or NULL
+    timeout_seconds  INTEGER NOT NULL,
+    client_token     TEXT UNIQUE,        -- StartCommandExecution idempotency
+    request_key      TEXT NOT NULL,      -- the canonical request the token was first used with
+    created_at       REAL NOT NULL,
+    started_at       REAL,
+    completed_at     REAL,
+    last_updated_at  REAL NOT NULL,
+    timeout_at       REAL                -- absolute deadline while the execution can time out
+);
+CREATE INDEX command_executions_timeout ON command_executions (timeout_at)
+    WHERE timeout_at IS NOT NULL;
+CREATE INDEX command_executions_by_command ON command_executions (command_id);
+CREATE INDEX command_executions_by_target ON command_executions (target_kind, target_name);
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _PENDING = "status IN ('IN_PROGRESS', 'QUEUED')"
@@ -188,6 +234,50 @@ class ThingGroup:
     created_at: float
 
 
+@dataclass
+class Command:
+    """An AWS IoT command (static payload, AWS-IoT namespace)."""
+    command_id: str
+    seq: int
+    namespace: str
+    display_name: Optional[str]
+    description: Optional[str]
+    content: Optional[bytes]
+    content_type: Optional[str]
+    mandatory: Optional[list[dict[str, Any]]]
+    created_at: float
+    last_updated_at: float
+    tags: list[dict[str, str]] = field(default_factory=list)
+    deprecated: bool = False
+    deprecated_at: Optional[float] = None
+    delete_at: Optional[float] = None
+
+    @property
+    def pending_deletion(self) -> bool:
+        return self.delete_at is not None
+
+
+@dataclass
+class CommandExecution:
+    execution_id: str
+    command_id: str
+    target_kind: str             # "thing" or "client"
+    target_name: str
+    status: str
+    timeout_seconds: int
+    request_key: str
+    created_at: float
+    last_updated_at: float
+    started_at: Optional[float] = None
+    completed_at: Optional[float] = None
+    status_reason: Optional[dict[str, str]] = None
+    result: Optional[dict[str, dict[str, Any]]] = None
+    parameters: Optional[dict[str, dict[str, Any]]] = None
+    client_token: Optional[str] = None
+    timeout_at: Optional[float] = None
+    seq: int = 0
+
+
 def _thing(row: sqlite3.Row) -> Thing:
     return Thing(row["name"], row["thing_id"], json.loads(row["attributes"]), row["thing_type"],
                  row["version"], row["created_at"])
@@ -216,6 +306,36 @@ def _execution(row: Any) -> Execution:
     return Execution(job_id, thing_name, number, status, queued_at, last_updated_at, version,
                      None if details is None else json.loads(details), started_at,
                      step_deadline, bool(force_canceled), seq, progress_deadline)
+
+
+def _json_or_none(text: Optional[str]) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _dump_or_none(value: Any) -> Optional[str]:
+    return None if value is None else json.dumps(value)
+
+
+def _command(row: sqlite3.Row) -> Command:
+    return Command(command_id=row["command_id"], seq=row["seq"], namespace=row["namespace"],
+                   display_name=row["display_name"], description=row["description"],
+                   content=None if row["content"] is None else bytes(row["content"]),
+                   content_type=row["content_type"], mandatory=_json_or_none(row["mandatory"]),
+                   created_at=row["created_at"], last_updated_at=row["last_updated_at"],
+                   tags=json.loads(row["tags"]), deprecated=bool(row["deprecated"]),
+                   deprecated_at=row["deprecated_at"], delete_at=row["delete_at"])
+
+
+def _command_execution(row: sqlite3.Row) -> CommandExecution:
+    return CommandExecution(
+        execution_id=row["execution_id"], command_id=row["command_id"],
+        target_kind=row["target_kind"], target_name=row["target_name"], status=row["status"],
+        timeout_seconds=row["timeout_seconds"], request_key=row["request_key"],
+        created_at=row["created_at"], last_updated_at=row["last_updated_at"],
+        started_at=row["started_at"], completed_at=row["completed_at"],
+        status_reason=_json_or_none(row["status_reason"]), result=_json_or_none(row["result"]),
+        parameters=_json_or_none(row["parameters"]), client_token=row["client_token"],
+        timeout_at=row["timeout_at"], seq=row["seq"])
 
 
 def _group(row: sqlite3.Row) -> ThingGroup:
@@ -417,8 +537,14 @@ class Store:
 
     # -- timers --------------------------------------------------------------------------------
     def next_deadline(self) -> Optional[float]:
+        """The earliest job-execution, command-execution or command-deletion deadline."""
         row = self._db.execute(
-            "SELECT MIN(timeout_at) FROM executions WHERE timeout_at IS NOT NULL").fetchone()
+            "SELECT MIN(t) FROM ("
+            " SELECT MIN(timeout_at) AS t FROM executions WHERE timeout_at IS NOT NULL"
+            " UNION ALL SELECT MIN(timeout_at) FROM command_executions"
+            " WHERE timeout_at IS NOT NULL"
+            " UNION ALL SELECT MIN(delete_at) FROM commands WHERE delete_at IS NOT NULL)"
+        ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     def due_executions(self, now: float) -> list[Execution]:
@@ -494,3 +620,97 @@ class Store:
     def job_groups(self, job_id: str) -> list[str]:
         return [r[0] for r in self._db.execute(
             "SELECT group_name FROM job_groups WHERE job_id=?", (job_id,))]
+
+    # -- commands ------------------------------------------------------------------------------
+    def get_command(self, command_id: str) -> Optional[Command]:
+        row = self._db.execute("SELECT * FROM commands WHERE command_id=?",
+                               (command_id,)).fetchone()
+        return None if row is None else _command(row)
+
+    def insert_command(self, cmd: Command) -> None:
+        self._db.execute(
+            "INSERT INTO commands (command_id, seq, namespace, display_name, description,"
+            " content, content_type, mandatory, tags, deprecated, deprecated_at, delete_at,"
+            " created_at, last_updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cmd.command_id, cmd.seq, cmd.namespace, cmd.display_name, cmd.description,
+             cmd.content, cmd.content_type, _dump_or_none(cmd.mandatory), json.dumps(cmd.tags),
+             int(cmd.deprecated), cmd.deprecated_at, cmd.delete_at, cmd.created_at,
+             cmd.last_updated_at))
+
+    def save_command(self, cmd: Command) -> None:
+        """The mutable part: UpdateCommand and DeleteCommand."""
+        self._db.execute(
+            "UPDATE commands SET display_name=?, description=?, deprecated=?, deprecated_at=?,"
+            " delete_at=?, last_updated_at=? WHERE command_id=?",
+            (cmd.display_name, cmd.description, int(cmd.deprecated), cmd.deprecated_at,
+             cmd.delete_at, cmd.last_updated_at, cmd.command_id))
+
+    def delete_command(self, command_id: str) -> None:
+        """The command only: its executions stay readable, as AWS keeps them."""
+        self._db.execute("DELETE FROM commands WHERE command_id=?", (command_id,))
+
+    def list_commands(self) -> list[Command]:
+        """Oldest first."""
+        return [_command(r) for r in self._db.execute("SELECT * FROM commands ORDER BY seq")]
+
+    def due_command_deletions(self, now: float) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT command_id FROM commands WHERE delete_at IS NOT NULL AND delete_at <= ?"
+            " ORDER BY delete_at", (now,))]
+
+    # -- command executions --------------------------------------------------------------------
+    def get_command_execution(self, execution_id: str) -> Optional[CommandExecution]:
+        row = self._db.execute("SELECT * FROM command_executions WHERE execution_id=?",
+                               (execution_id,)).fetchone()
+        return None if row is None else _command_execution(row)
+
+    def command_execution_by_token(self, token: str) -> Optional[CommandExecution]:
+        row = self._db.execute("SELECT * FROM command_executions WHERE client_token=?",
+                               (token,)).fetchone()
+        return None if row is None else _command_execution(row)
+
+    def insert_command_execution(self, cx: CommandExecution) -> CommandExecution:
+        cur = self._db.execute(
+            "INSERT INTO command_executions (execution_id, command_id, target_kind, target_name,"
+            " status, status_reason, result, parameters, timeout_seconds, client_token,"
+            " request_key, created_at, started_at, completed_at, last_updated_at, timeout_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cx.execution_id, cx.command_id, cx.target_kind, cx.target_name, cx.status,
+             _dump_or_none(cx.status_reason), _dump_or_none(cx.result),
+             _dump_or_none(cx.parameters), cx.timeout_seconds, cx.client_token, cx.request_key,
+             cx.created_at, cx.started_at, cx.completed_at, cx.last_updated_at, cx.timeout_at))
+        cx.seq = int(cur.lastrowid or 0)
+        return cx
+
+    def save_command_execution(self, cx: CommandExecution) -> None:
+        self._db.execute(
+            "UPDATE command_executions SET status=?, status_reason=?, result=?, completed_at=?,"
+            " last_updated_at=?, timeout_at=? WHERE seq=?",
+            (cx.status, _dump_or_none(cx.status_reason), _dump_or_none(cx.result),
+             cx.completed_at, cx.last_updated_at, cx.timeout_at, cx.seq))
+
+    def delete_command_execution(self, cx: CommandExecution) -> None:
+        self._db.execute("DELETE FROM command_executions WHERE seq=?", (cx.seq,))
+
+    def list_command_executions(self, command_id: Optional[str] = None,
+                                target: Optional[tuple[str, str]] = None,
+                                status: Optional[str] = None) -> list[CommandExecution]:
+        """Oldest first, filtered in SQL (both filters have an index)."""
+        where, args = [], []
+        if command_id is not None:
+            where.append("command_id=?")
+            args.append(command_id)
+        if target is not None:
+            where.append("target_kind=? AND target_name=?")
+            args.extend(target)
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        return [_command_execution(r) for r in self._db.execute(
+            f"SELECT * FROM command_executions{clause} ORDER BY seq", args)]
+
+    def due_command_executions(self, now: float) -> list[CommandExecution]:
+        return [_command_execution(r) for r in self._db.execute(
+            "SELECT * FROM command_executions WHERE timeout_at IS NOT NULL AND timeout_at <= ?"
+            " ORDER BY timeout_at, seq", (now,))]

@@ -4,14 +4,19 @@ The same stored execution is spelled three ways: MQTT (jobDocument as a JSON obj
 statusDetails, `thingName`), the iot-jobs-data REST API (jobDocument as a JSON string), and the
 `iot` control plane (`thingArn`, statusDetails wrapped in `detailsMap`). Keeping them side by
 side makes the differences visible and keeps the service free of wire concerns.
+
+AWS IoT commands and their executions follow at the end: control-plane timestamps are epoch
+seconds with milliseconds (botocore's `timestamp` type), status events carry epoch
+milliseconds (PROTOCOL.md 1.11, A1), blobs are base64 strings.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any, Optional
 
-from .store import Execution, Job, Thing, ThingGroup
+from .store import Command, CommandExecution, Execution, Job, Thing, ThingGroup
 
 
 def _encode(payload: dict[str, Any]) -> bytes:
@@ -183,3 +188,80 @@ def job_view(job: Job, arn: str, executions: list[Execution]) -> dict[str, Any]:
             out[name] = job.config[name]
     out["isConcurrent"] = False
     return out
+
+
+# -- AWS IoT commands --------------------------------------------------------------------------
+
+def command_summary(cmd: Command, arn: str) -> dict[str, Any]:
+    """CommandSummary (ListCommands)."""
+    out: dict[str, Any] = {"commandArn": arn, "commandId": cmd.command_id}
+    if cmd.display_name is not None:
+        out["displayName"] = cmd.display_name
+    out.update(deprecated=cmd.deprecated, createdAt=cmd.created_at,
+               lastUpdatedAt=cmd.last_updated_at, pendingDeletion=cmd.pending_deletion)
+    return out
+
+
+def command_view(cmd: Command, arn: str) -> dict[str, Any]:
+    """GetCommand."""
+    out: dict[str, Any] = {"commandId": cmd.command_id, "commandArn": arn,
+                           "namespace": cmd.namespace}
+    if cmd.display_name is not None:
+        out["displayName"] = cmd.display_name
+    if cmd.description is not None:
+        out["description"] = cmd.description
+    if cmd.mandatory is not None:
+        out["mandatoryParameters"] = cmd.mandatory
+    if cmd.content is not None:
+        payload: dict[str, Any] = {"content": base64.b64encode(cmd.content).decode()}
+        if cmd.content_type is not None:
+            payload["contentType"] = cmd.content_type
+        out["payload"] = payload
+    out.update(createdAt=cmd.created_at, lastUpdatedAt=cmd.last_updated_at,
+               deprecated=cmd.deprecated, pendingDeletion=cmd.pending_deletion)
+    return out
+
+
+def command_execution_summary(cx: CommandExecution, command_arn: str,
+                              target_arn: str) -> dict[str, Any]:
+    """CommandExecutionSummary (ListCommandExecutions)."""
+    out: dict[str, Any] = {"commandArn": command_arn, "executionId": cx.execution_id,
+                           "targetArn": target_arn, "status": cx.status,
+                           "createdAt": cx.created_at}
+    if cx.started_at is not None:
+        out["startedAt"] = cx.started_at
+    if cx.completed_at is not None:
+        out["completedAt"] = cx.completed_at
+    return out
+
+
+def command_execution(cx: CommandExecution, command_arn: str, target_arn: str,
+                      include_result: bool) -> dict[str, Any]:
+    """GetCommandExecution."""
+    out: dict[str, Any] = {"executionId": cx.execution_id, "commandArn": command_arn,
+                           "targetArn": target_arn, "status": cx.status}
+    if cx.status_reason is not None:
+        out["statusReason"] = cx.status_reason
+    if include_result and cx.result is not None:
+        out["result"] = cx.result
+    if cx.parameters is not None:
+        out["parameters"] = cx.parameters
+    out["executionTimeoutSeconds"] = cx.timeout_seconds
+    out["createdAt"] = cx.created_at
+    out["lastUpdatedAt"] = cx.last_updated_at
+    if cx.started_at is not None:
+        out["startedAt"] = cx.started_at
+    if cx.completed_at is not None:
+        out["completedAt"] = cx.completed_at
+    return out
+
+
+def command_event(cx: CommandExecution, command_arn: str, target_arn: str,
+                  when: float) -> bytes:
+    """`$aws/events/commandExecution/<commandId>/<status>`: timestamp in epoch milliseconds."""
+    out: dict[str, Any] = {"executionId": cx.execution_id, "status": cx.status}
+    if cx.status_reason is not None:
+        out["statusReason"] = cx.status_reason
+    out.update(eventType="COMMAND_EXECUTION", commandArn=command_arn, targetArn=target_arn,
+               timestamp=int(when * 1000))
+    return _encode(out)

@@ -1,0 +1,337 @@
+# AWS IoT commands on the device (PROTOCOL.md 1.11): one request to one device, answered in
+# seconds. The service publishes the command's payload on
+#   $aws/commands/things/<T>/executions/<E>/request[/json|/cbor]
+# and the device reports on .../executions/<E>/response/json, answered on
+# .../response/accepted/json or .../response/rejected/json (`error`/`errorMessage`, no token).
+#
+# Payloads are JSON objects whose `command` member names the handler; the other members are its
+# arguments. A handler is `fn(ctx, args) -> dict` (values: str -> {"s"}, bool -> {"b"}, bytes ->
+# {"bin"}, anything else -> {"s": str(v)}); it raises CommandFailed / CommandRejected with a
+# reasonCode. Unknown commands, non-JSON payloads and payloads without `command` end REJECTED.
+#
+# Journaled like jobs, in a journal of their own (`commands.json`, the same atomic Journal):
+# start (before any side effect) -> finish (the report in the outbox) -> acknowledged (the id in
+# the done list). After a reset an interrupted command is never run again: `reboot` (whose
+# reset is the point) is SUCCEEDED when the boot counter moved, anything else FAILED
+# INTERRUPTED; a request for an execution already done is dropped. Requests arrive in the MQTT
+# callback and wait in a small queue; the runner's loop runs them between job steps.
+import binascii
+import json
+import time
+from micropython import const
+
+_QUEUE_MAX = const(4)
+_EXEC_MAX = const(64)
+_REASON_MAX = const(64)
+_DESC_MAX = const(1024)
+_RESULT_MAX = const(1024)
+
+KIND_REQUEST = const(1)
+KIND_ACCEPTED = const(2)
+KIND_REJECTED = const(3)
+
+# Rejections that say the execution is settled (or never was ours): nothing more to say.
+_SETTLED = ("InvalidStateTransition", "ResourceNotFound", "TerminalStateReached",
+            "InvalidRequest", "InvalidJson", "InvalidTopic")
+
+IN_PROGRESS = "IN_PROGRESS"
+SUCCEEDED = "SUCCEEDED"
+FAILED = "FAILED"
+REJECTED = "REJECTED"
+
+
+class CommandFailed(Exception):
+    status = FAILED
+
+    def __init__(self, reason, description=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.description = description
+
+
+class CommandRejected(CommandFailed):
+    status = REJECTED
+
+
+def _valid_id(buf, start, end):
+    n = end - start
+    if n < 1 or n > _EXEC_MAX:
+        return False
+    for i in range(start, end):
+        c = buf[i]
+        if not (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122 or c == 45 or c == 95):
+            return False
+    return True
+
+
+def reason_code(text):
+    """A reasonCode the service accepts: [A-Z0-9_-], 1..64."""
+    out = ""
+    for c in str(text).upper()[:_REASON_MAX]:
+        out += c if ("A" <= c <= "Z" or "0" <= c <= "9" or c in "_-") else "_"
+    return out or "UNKNOWN"
+
+
+def _clean(text, limit):
+    out = ""
+    for c in str(text)[:limit]:
+        out += c if c >= " " and c != "\x7f" else " "
+    return out
+
+
+def result_values(result):
+    """{name: {"s"|"b"|"bin": value}} of a handler's returned dict."""
+    out = {}
+    if not isinstance(result, dict):
+        return out
+    for k, v in result.items():
+        if isinstance(v, bool):
+            out[str(k)] = {"b": v}
+        elif isinstance(v, (bytes, bytearray)):
+            out[str(k)] = {"bin": binascii.b2a_base64(v).decode().strip()}
+        else:
+            s = v if isinstance(v, str) else json.dumps(v)
+            out[str(k)] = {"s": s[:_RESULT_MAX] if s else "-"}
+    return out
+
+
+def report(status, reason=None, description=None, result=None):
+    """The payload of an UpdateCommandExecution report."""
+    body = {"status": status}
+    if reason:
+        sr = {"reasonCode": reason_code(reason)}
+        if description:
+            sr["reasonDescription"] = _clean(description, _DESC_MAX)
+        body["statusReason"] = sr
+    if result:
+        body["result"] = result
+    return json.dumps(body)
+
+
+class CommandContext:
+    """What a command handler sees: the execution id, the boot counter, progress, reboot."""
+
+    def __init__(self, commands, execution_id):
+        self.commands = commands
+        self.id = execution_id
+        self.boot = commands.boot()
+
+    def progress(self):
+        """Report IN_PROGRESS (the service then shows the command started)."""
+        return self.commands.send(self.id, report(IN_PROGRESS))
+
+    def request_reboot(self):
+        """Reset now; after the boot the command is SUCCEEDED {"rebooted": true}."""
+        self.commands.reboot_requested(self.id)
+
+
+class Commands:
+    def __init__(self, client, journal, boot_journal, handlers=None, log=print, reset=None,
+                 reply_timeout_ms=10000, retry_ms=2000, on_point=None):
+        self.client = client
+        self.transport = client.transport
+        self.journal = journal  # a Journal of its own (commands.json): job = the command
+        self.boot_journal = boot_journal  # the runner's journal: the boot counter
+        self.handlers = dict(handlers or {})
+        self.log = log
+        self.reset = reset
+        self.reply_timeout_ms = reply_timeout_ms
+        self.retry_ms = retry_ms
+        thing = client.topics.thing
+        self.prefix = b"$aws/commands/things/" + thing + b"/executions/"
+        self.filters = (self.prefix + b"+/request/#", self.prefix + b"+/response/+/json")
+        self.queue = []  # (execution id, payload bytes or None when it was too large)
+        self._want = None  # execution id whose report awaits its answer
+        self._reply = None
+        self._retry_at = None
+        self._recovered = False
+        self.dropped = 0
+        self.done = 0
+        self.on_point = on_point  # tests halt the device at named points
+        client.on_other = self._on_message
+
+    def point(self, name):
+        if self.on_point is not None:
+            self.on_point(name)
+
+    def boot(self):
+        return self.boot_journal.boot
+
+    def register(self, name, handler):
+        self.handlers[name] = handler
+
+    def subscribe(self):
+        for f in self.filters:
+            self.transport.subscribe(f, 1)
+
+    # -- incoming (MQTT callback: no I/O here) ------------------------------------------------
+    def _on_message(self, topic, msg):
+        p = self.prefix
+        n = len(p)
+        if not topic.startswith(p):
+            self.dropped += 1
+            return
+        slash = topic.find(b"/", n)
+        if slash < 0 or not _valid_id(topic, n, slash):
+            self.dropped += 1
+            return
+        rest = topic[slash + 1:]
+        if rest in (b"request", b"request/json", b"request/cbor"):
+            kind = KIND_REQUEST
+        elif rest == b"response/accepted/json":
+            kind = KIND_ACCEPTED
+        elif rest == b"response/rejected/json":
+            kind = KIND_REJECTED
+        else:
+            self.dropped += 1
+            return
+        eid = topic[n:slash].decode()
+        if kind == KIND_REQUEST:
+            if len(self.queue) >= _QUEUE_MAX or any(q[0] == eid for q in self.queue):
+                self.dropped += 1  # the service times it out; the device stays responsive
+                return
+            fmt = rest[8:] if len(rest) > 7 else b""
+            self.queue.append((eid, msg if fmt == b"json" else None, fmt))  # None: too large
+            return
+        if eid == self._want and self._reply is None:
+            doc = None
+            if msg is not None:
+                try:
+                    doc = json.loads(msg)
+                except ValueError:
+                    doc = None
+            self._reply = (kind, doc if isinstance(doc, dict) else {})
+        else:
+            self.dropped += 1
+
+    # -- talking to the service ---------------------------------------------------------------
+    def send(self, eid, payload):
+        """Publish a report and wait (bounded) for its answer: "accepted", "settled" (rejected
+        as already final / not ours), or None (no answer, or a transient rejection)."""
+        self._want = eid
+        self._reply = None
+        try:
+            self.transport.publish(self.prefix + eid.encode() + b"/response/json",
+                                   payload.encode() if isinstance(payload, str) else payload,
+                                   0, 1, False)
+            deadline = time.ticks_add(time.ticks_ms(), self.reply_timeout_ms)
+            while self._reply is None:
+                left = time.ticks_diff(deadline, time.ticks_ms())
+                if left <= 0:
+                    return None
+                self.transport.wait(left)
+            kind, doc = self._reply
+            if kind == KIND_ACCEPTED:
+                return "accepted"
+            err = doc.get("error")
+            self.log("command %s: report rejected: %s (%s)" % (eid, err, doc.get("errorMessage")))
+            return "settled" if err in _SETTLED else None
+        finally:
+            self._want = None
+
+    # -- the runner's loop --------------------------------------------------------------------
+    def busy(self):
+        """True when there is something to do: a report to deliver, a boot to reconcile, or a
+        request waiting."""
+        return bool(self.queue) or self.journal.out is not None or not self._recovered \
+            or self.journal.job is not None
+
+    def step(self):
+        """One piece of work (called by the runner's loop when busy())."""
+        j = self.journal
+        if self._retry_at is not None:
+            if time.ticks_diff(self._retry_at, time.ticks_ms()) > 0:
+                return False
+            self._retry_at = None
+        if j.out is not None:
+            self._flush()
+            return True
+        if not self._recovered:
+            self._recovered = True
+            if j.job is not None:
+                self._reconcile()
+                return True
+        if self.queue:
+            eid, msg, fmt = self.queue.pop(0)
+            self._run(eid, msg, fmt)
+            return True
+        return False
+
+    def _reconcile(self):
+        """A command was running when the device reset: never run it again."""
+        j = self.journal.job
+        cp = j.get("cp") or {}
+        if cp.get("reboot") is not None and self.boot() > cp["reboot"]:
+            self._finish(SUCCEEDED, None, None, {"rebooted": {"b": True}})
+        else:
+            self._finish(FAILED, "INTERRUPTED", "the device restarted while the command ran",
+                         None)
+
+    def _run(self, eid, msg, fmt):
+        j = self.journal
+        if j.finished_status(eid, 0) is not None:
+            self.log("command %s: done already; request dropped" % eid)
+            return
+        if fmt != b"json" or msg is None:
+            j.start(eid, 0, None)
+            if fmt != b"json":
+                self._finish(REJECTED, "UNSUPPORTED_PAYLOAD", "payload format %s: this device "
+                             "takes JSON" % (fmt.decode() or "other"), None)
+            else:
+                self._finish(REJECTED, "PAYLOAD_TOO_LARGE", "the payload did not fit", None)
+            return
+        try:
+            args = json.loads(msg)
+        except ValueError:
+            args = None
+        name = args.get("command") if isinstance(args, dict) else None
+        j.start(eid, 0, None)  # before any side effect
+        self.point("command-journaled")
+        if not isinstance(name, str):
+            self._finish(REJECTED, "BAD_PAYLOAD", "expected a JSON object with a command member",
+                         None)
+            return
+        h = self.handlers.get(name)
+        if h is None:
+            self._finish(REJECTED, "UNKNOWN_COMMAND", "no handler for %r" % name, None)
+            return
+        ctx = CommandContext(self, eid)
+        try:
+            result = result_values(h(ctx, args))
+            status, reason, desc = SUCCEEDED, None, None
+        except CommandFailed as e:
+            status, reason, desc, result = e.status, e.reason, e.description, None
+        except Exception as e:  # a handler bug must not take the loop down
+            status, reason, desc, result = FAILED, "HANDLER_ERROR", "%s: %s" % (
+                type(e).__name__, e), None
+        self._finish(status, reason, desc, result)
+
+    def reboot_requested(self, eid):
+        if self.reset is None:
+            raise CommandFailed("REBOOT_UNAVAILABLE", "this device cannot reset itself")
+        self.journal.checkpoint(0, {"reboot": self.boot()})
+        self.send(eid, report(IN_PROGRESS))
+        self.log("command %s: reboot" % eid)
+        self.reset()
+        raise CommandFailed("RESET_FAILED", "the device did not reset")
+
+    def _finish(self, status, reason, desc, result):
+        j = self.journal.job
+        self.log("command %s: %s%s" % (j["id"], status, " " + reason if reason else ""))
+        self.journal.finish(status, {"p": report(status, reason, desc, result)}, None)
+        self.point("command-finished")
+        self._flush()
+
+    def _flush(self):
+        eid, _, status, details, _ = self.journal.out
+        try:
+            res = self.send(eid, details.get("p") if details else report(status))
+        except OSError:
+            self._retry_at = time.ticks_add(time.ticks_ms(), self.retry_ms)
+            raise
+        if res is None:
+            self._retry_at = time.ticks_add(time.ticks_ms(), self.retry_ms)
+            return
+        self.point("command-answered")
+        self.journal.acknowledged()
+        self.done += 1
