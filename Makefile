@@ -1,14 +1,26 @@
 # Entry points for users, tests and CI. `make test` and `make demo` set everything up themselves.
-.PHONY: setup build test demo bench lint clean
+.PHONY: setup build size test demo bench lint clean deploy repl flash
 
 PY := .venv/bin/python
-LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo tools/jobs tools/bench tools/sign
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo tools/jobs tools/bench tools/sign tools/deploy
+BOARD ?=
 
 setup:
 	@tools/setup
 
 build: setup
-	@tools/build
+	@tools/build $(if $(BOARD),--board $(BOARD),)
+
+size: setup
+	@tools/build --all-boards
+
+deploy: setup
+	@test -n "$(PORT)" || { echo "make deploy PORT=/dev/ttyUSB0 [BOARD=ESP32_GENERIC] [CONFIG=build/provision/THING]"; exit 2; }
+	@tools/deploy --port $(PORT) --board $(or $(BOARD),ESP32_GENERIC) $(if $(CONFIG),--config $(CONFIG),)
+
+repl: setup
+	@test -n "$(PORT)" || { echo "make repl PORT=/dev/ttyUSB0"; exit 2; }
+	.venv/bin/mpremote connect $(PORT) repl
 
 test: setup
 	$(PY) -m pytest host_tests $(PYTEST_ARGS)

@@ -102,8 +102,22 @@ class Mosquitto:
                  port: Optional[int] = None, tls_port: Optional[int] = None) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port = port or free_port()
-        self.tls_port = tls_port or free_port()
+        self.workdir, self.pki, self.acl = workdir, pki, acl
+        self.log_path = os.path.join(workdir, "mosquitto.log")
+        for attempt in range(5):
+            self.port = port or free_port()
+            self.tls_port = tls_port or free_port()
+            self._write_conf()
+            try:
+                self._start()
+                return
+            except RuntimeError as e:
+                # A free port taken by another process between the pick and the bind: pick again
+                if "Address already in use" not in str(e) or (port and tls_port) or attempt == 4:
+                    raise
+
+    def _write_conf(self) -> None:
+        pki, workdir = self.pki, self.workdir
         srv = pki.server()
         conf = os.path.join(workdir, "mosquitto.conf")
         lines = [
@@ -126,7 +140,7 @@ class Mosquitto:
             "use_identity_as_username true",
             "allow_anonymous false",
         ]
-        if acl:
+        if self.acl:
             # jobsd writes the ACL that keeps each thing on its own topics
             acl_file = os.path.join(workdir, "things.acl")
             subprocess.run([os.path.join(TOOLS, "jobsd"), "--write-acl", acl_file], check=True)
@@ -136,8 +150,6 @@ class Mosquitto:
         with open(conf, "w") as f:
             f.write("\n".join(lines) + "\n")
         self.conf = conf
-        self.log_path = os.path.join(workdir, "mosquitto.log")
-        self._start()
 
     def _start(self) -> None:
         self.proc = Proc("mosquitto", [mosquitto_binary(), "-c", self.conf], self.log_path)
