@@ -2,7 +2,7 @@
 .PHONY: setup build size test demo bench lint clean deploy repl flash
 
 PY := .venv/bin/python
-LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo tools/jobs tools/bench tools/sign tools/deploy
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash
 BOARD ?=
 
 setup:
@@ -21,6 +21,10 @@ deploy: setup
 repl: setup
 	@test -n "$(PORT)" || { echo "make repl PORT=/dev/ttyUSB0"; exit 2; }
 	.venv/bin/mpremote connect $(PORT) repl
+
+flash: setup
+	@test -n "$(PORT)" -a -n "$(FIRMWARE)" || { echo "make flash PORT=/dev/ttyUSB0 FIRMWARE=image.bin [BOARD=ESP32_GENERIC] [CONFIG=build/provision/THING]"; exit 2; }
+	@tools/flash --port $(PORT) --firmware $(FIRMWARE) --board $(or $(BOARD),ESP32_GENERIC) $(if $(CONFIG),--config $(CONFIG),)
 
 test: setup
 	$(PY) -m pytest host_tests $(PYTEST_ARGS)
