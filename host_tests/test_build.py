@@ -1,4 +1,5 @@
 """`make build`: every device file compiles with mpy-cross for the host and for ESP32."""
+import json
 import os
 import subprocess
 import sys
@@ -38,3 +39,75 @@ def test_build_reports_a_syntax_error(tmp_path, monkeypatch):
     (tmp_path / "build" / "umqtt").mkdir(parents=True)
     (tmp_path / "build" / "umqtt" / "simple.py").write_text("")
     assert B.main(["--arch", "host"]) == 1
+
+
+def test_every_board_builds_within_its_budget():
+    """Each board's files compile for its architecture, without the unix twins, with its own
+    platform module and board.json, and within its code budget."""
+    r = subprocess.run([os.path.join(ROOT, "tools", "build"), "--all-boards"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in B.board_names():
+        info = B.board_info(name)
+        assert f"{name} ({info['arch']}):" in r.stdout and "within" in r.stdout
+        out = os.path.join(ROOT, "build", name)
+        files = {rel for rel, _ in B.size_report(out)}
+        assert {"main.py", "app.mpy", "platform.mpy", "board.json", "iotjobs/runner.mpy",
+                "umqtt/simple.mpy"} <= files, files
+        total = sum(n for _, n in B.size_report(out))
+        assert total <= info["code_budget_kb"] * 1024
+        if info["chip"] != "unix":
+            assert not files & {"esp32sim.mpy", "testhandlers.mpy"}, "unix twins on a board"
+            with open(os.path.join(out, "platform.mpy"), "rb") as f:
+                mpy = f.read()
+            assert b"WLAN" in mpy or b"network" in mpy, "the ESP32 platform module, not the twin"
+        with open(os.path.join(out, "iotjobs", "runner.mpy"), "rb") as f:
+            assert f.read(2) == b"M\x06", "not an .mpy v6 file"
+        # (bytecode-only .mpy files record no architecture: -march matters for @native code)
+
+
+def test_a_board_over_its_budget_fails_the_build(tmp_path, monkeypatch):
+    board = tmp_path / "boards" / "TINY"
+    board.mkdir(parents=True)
+    (board / "board.json").write_text(json.dumps({"board": "TINY", "chip": "unix", "arch": "host",
+                                                  "code_budget_kb": 1}))
+    monkeypatch.setattr(B, "BOARDS", str(tmp_path / "boards"))
+    monkeypatch.setattr(B, "BUILD", str(tmp_path / "build"))
+    assert B._boards(["TINY"], False) == 1
+    assert B._boards(["NOPE"], False) == 2
+
+
+def test_partition_tables_are_sound():
+    """Both OTA tables: contiguous, 4 KB aligned (apps 64 KB), two equal app slots, otadata,
+    the filesystem up to the end of the flash."""
+    for name, flash in (("ota-4MiB.csv", 4 << 20), ("ota-8MiB.csv", 8 << 20)):
+        rows = []
+        with open(os.path.join(ROOT, "boards", "partitions", name)) as f:
+            for line in f:
+                if line.strip() and not line.startswith("#"):
+                    cols = [c.strip() for c in line.split(",")]
+                    rows.append((cols[0], cols[1], cols[2], int(cols[3], 16), int(cols[4], 16)))
+        end = rows[0][3]
+        for label, kind, _, off, size in rows:
+            assert off == end, f"{name}: {label} does not follow the previous partition"
+            assert off % (0x10000 if kind == "app" else 0x1000) == 0, f"{name}: {label} misaligned"
+            end = off + size
+        assert end == flash, f"{name}: ends at {end:#x}"
+        apps = [r for r in rows if r[1] == "app"]
+        assert [a[0] for a in apps] == ["ota_0", "ota_1"] and apps[0][4] == apps[1][4]
+        assert any(r[0] == "otadata" and r[4] == 0x2000 for r in rows)
+        assert rows[-1][0] == "vfs"
+    for board in B.board_names():
+        part = B.board_info(board).get("partitions")
+        assert part is None or os.path.exists(os.path.join(ROOT, "boards", "partitions", part))
+
+
+def test_mip_package_lists_the_library():
+    with open(os.path.join(ROOT, "lib", "package.json")) as f:
+        pkg = json.load(f)
+    files = sorted(f"iotjobs/{n}" for n in os.listdir(os.path.join(ROOT, "lib", "iotjobs"))
+                   if n.endswith(".py"))
+    assert sorted(dest for dest, _ in pkg["urls"]) == files, "lib/package.json is out of date"
+    for dest, src in pkg["urls"]:
+        assert dest == src and os.path.exists(os.path.join(ROOT, "lib", src))
+    assert ["umqtt.simple", "latest"] in pkg["deps"] and pkg["version"]
