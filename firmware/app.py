@@ -154,6 +154,25 @@ def halt_hook(point):
     return on_point
 
 
+# LED pattern to show from a named point of the runner on.
+_LED_AT = {"journaled": "job", "outbox-cleared": "online"}
+
+
+def ticking(hook):
+    """on_point for the runner: every named point (an OTA download passes one per block) also
+    feeds the watchdog and drives the LED; `hook` is the test aid halt_hook, or None."""
+
+    def on_point(at):
+        platform.tick()
+        pattern = _LED_AT.get(at)
+        if pattern:
+            platform.led(pattern)
+        if hook is not None:
+            hook(at)
+
+    return on_point
+
+
 def build(cfg):
     # The TLS context first, while the heap is still in one piece (it wants a 3 KB block);
     # the library's code comes after it.
@@ -164,6 +183,28 @@ def build(cfg):
     gc.collect()
     from iotjobs.transport import Transport
 
+    synced = [not tls]  # TLS checks certificate dates: the clock must be set first
+
+    class Fed(Transport):
+        """The runner's loop waits here: feed the watchdog and drive the LED at least every
+        250 ms; set the clock (NTP) before the first TLS handshake."""
+
+        def wait(self, timeout_ms):
+            while True:
+                platform.tick()
+                n = timeout_ms if timeout_ms < 250 else 250
+                op = Transport.wait(self, n)
+                timeout_ms -= n
+                if op is not None or timeout_ms <= 0:
+                    return op
+
+        def try_reconnect(self):
+            platform.led("connecting")
+            if not synced[0]:
+                synced[0] = platform.sync_time(log)
+            Transport.try_reconnect(self)
+            platform.led("online")
+
     gc.collect()
     from iotjobs.client import JobsClient
     from iotjobs.journal import Journal
@@ -173,7 +214,7 @@ def build(cfg):
 
     gc.collect()
 
-    transport = Transport(
+    transport = Fed(
         cfg.get("client_id", cfg["thing"]),
         cfg["host"],
         cfg["port"],
@@ -232,7 +273,8 @@ def build(cfg):
         progress_min_ms=cfg.get("progress_min_ms", 5000),
         step_timeout_min=cfg.get("step_timeout_min"),
         handler_timeout_s=cfg.get("handler_timeout_s", 600),
-        on_point=halt_hook(cfg.get("halt_at")),
+        sleep_ms=platform.sleep_ms,  # feeds the watchdog through long reconnect backoffs
+        on_point=ticking(halt_hook(cfg.get("halt_at"))),
     )
     runner.app = state
     if cfg.get("commands", True) is not False:
@@ -284,7 +326,11 @@ def start_app(runner, cfg):
 def main():
     cfg = load_config()
     log("iotjobs on %s, thing %s" % (platform.NAME, cfg["thing"]))
-    platform.connect_network(cfg, log)
+    platform.led("boot")
+    platform.init_watchdog()  # cannot be stopped: from here on every wait and sleep feeds it
+    if not platform.connect_network(cfg, log):
+        log("no network yet: the station keeps trying, the runner waits for the broker",
+            "warning")
     runner = build(cfg)
     selftest(runner, cfg)
     start_app(runner, cfg)

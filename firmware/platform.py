@@ -28,6 +28,24 @@ def feed_watchdog():
     pass
 
 
+def init_watchdog(settings=None):
+    """machine.WDT(timeout=board.json wdt_ms) on a board; none here."""
+    return None
+
+
+def tick(now=None):
+    """Feed the watchdog and drive the status LED (the main loop calls it); nothing here."""
+
+
+def led(pattern, now=None):
+    """Status LED pattern ("boot", "connecting", "online", "job", "error", "off"); no LED here."""
+
+
+def sync_time(log=print, tries=4, host=None, sleep=None):
+    """NTP (ntptime.settime) on a board; the host's clock is already right."""
+    return True
+
+
 def sleep_ms(ms):
     time.sleep_ms(ms)
 
