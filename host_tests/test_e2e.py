@@ -3,7 +3,7 @@
 jobsd, and ends as its handler decides."""
 import json
 
-from conftest import thing_arn, wait_execution
+from conftest import stack, thing_arn, wait_execution
 
 HEAP = "96K"
 
@@ -34,6 +34,9 @@ def test_job_runs_to_succeeded_over_mutual_tls(jobsd, iot, device, spy):
     # The wire, in order: notify-next announces the job, the device starts it, reports
     # progress twice, then SUCCEEDED, and each update is accepted.
     base = f"$aws/things/{thing}/jobs/"
+    # the spy is a separate client: its copy of the last reply may trail the REST answer
+    stack.wait_until(lambda: sum(t.endswith("job-ok/update/accepted") for t, _ in watch.messages)
+                     >= 3, 10, "the spy to see the last reply")
     seq = [(t[len(base):], p) for t, p in watch.messages]
     names = [n for n, _ in seq]
     i_next = next(i for i, (n, p) in enumerate(seq)
