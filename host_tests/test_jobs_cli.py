@@ -99,3 +99,28 @@ def test_group_targets_and_continuous(jobsd, iot, tmp_path):
     assert "toaster" in d.stdout and "kettle" in d.stdout and "QUEUED" in d.stdout
     missing = jobs(jobsd, "create", "cli-nogroup", "--document", doc, "--group", "no-such-group")
     assert missing.returncode == 2 and "ResourceNotFoundException" in missing.stderr
+
+
+def test_command_runs_on_a_device(jobsd, iot, device, spy, tmp_path):
+    """tools/jobs command: creates the command when new, starts it, waits, prints the outcome."""
+    iot.create_thing(thingName="cli-cmd")
+    watch = spy("cli-cmd")
+    dev = device("cli-cmd")
+    watch.wait_for(lambda topic, p: topic.endswith("/start-next"), what="device ready")
+    watch.wait_for(lambda topic, p: topic.endswith("/start-next/accepted"), what="device online")
+
+    def command(*args):
+        return subprocess.run([JOBS, "--endpoint", jobsd.control_url, "--data-endpoint",
+                               jobsd.data_url, "command", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    r = command("ping", "--thing", "cli-cmd")
+    assert r.returncode == 0, r.stdout + r.stderr + dev.log_text()
+    assert "started ping on cli-cmd" in r.stdout and "SUCCEEDED" in r.stdout
+    assert '"pong": true' in r.stdout
+    r = command("nope", "--thing", "cli-cmd", "--payload", '{"command": "nope"}')
+    assert r.returncode == 1 and "REJECTED UNKNOWN_COMMAND" in r.stdout, r.stdout + r.stderr
+    r = command("ping", "--thing", "cli-cmd", "--payload", '{"command": "ping", "x": 1}')
+    assert r.returncode == 2 and "exists with another payload" in r.stderr
+    r = command("bad", "--thing", "cli-cmd", "--payload", "[1]")
+    assert r.returncode == 2 and "JSON object" in r.stderr

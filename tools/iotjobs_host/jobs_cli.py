@@ -120,6 +120,65 @@ def cmd_app(iot, a: argparse.Namespace) -> int:
     return 0
 
 
+def data_client(args: argparse.Namespace):
+    """iot-jobs-data: jobsd's --data listener (--data-endpoint), else AWS IoT's jobs endpoint."""
+    import boto3
+
+    kw: dict[str, Any] = {"region_name": args.region}
+    if args.data_endpoint:
+        kw["endpoint_url"] = args.data_endpoint
+        kw.setdefault("aws_access_key_id", os.environ.get("AWS_ACCESS_KEY_ID", "local"))
+        kw.setdefault("aws_secret_access_key", os.environ.get("AWS_SECRET_ACCESS_KEY", "local"))
+    return boto3.client("iot-jobs-data", **kw)
+
+
+def cmd_command(iot, a: argparse.Namespace) -> int:
+    """Start an AWS IoT command on one thing and wait for its outcome (exit 0 on SUCCEEDED)."""
+    from botocore.exceptions import ClientError
+
+    payload = a.payload or json.dumps({"command": a.command_id})
+    try:
+        body = json.loads(payload)
+    except ValueError as e:
+        print(f"jobs: --payload is not JSON: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(body, dict):
+        print("jobs: --payload must be a JSON object", file=sys.stderr)
+        return 2
+    content = json.dumps(body, separators=(",", ":")).encode()
+    try:
+        cmd = iot.get_command(commandId=a.command_id)
+        have = (cmd.get("payload") or {}).get("content")
+        if a.payload and have is not None and have != content:
+            print(f"jobs: command {a.command_id} exists with another payload; pick another id",
+                  file=sys.stderr)
+            return 2
+        arn = cmd["commandArn"]
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+            raise
+        arn = iot.create_command(commandId=a.command_id, payload={
+            "content": content, "contentType": "application/json"})["commandArn"]
+    target = iot.describe_thing(thingName=a.thing)["thingArn"]
+    eid = data_client(a).start_command_execution(targetArn=target, commandArn=arn,
+                                                  executionTimeoutSeconds=a.timeout)["executionId"]
+    print(f"started {a.command_id} on {a.thing}: execution {eid}")
+    deadline = time.monotonic() + a.timeout + 5
+    while True:
+        ex = iot.get_command_execution(executionId=eid, targetArn=target)
+        if ex["status"] in ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"):
+            break
+        if time.monotonic() > deadline:
+            print(f"{eid}: still {ex['status']}", file=sys.stderr)
+            return 3
+        time.sleep(0.2)  # polling the service
+    result = {k: next(iter(v.values())) for k, v in (ex.get("result") or {}).items()}
+    reason = ex.get("statusReason") or {}
+    print(f"{ex['status']}" + (f" {reason.get('reasonCode')}" if reason else "")
+          + (f" {json.dumps(result, sort_keys=True)}" if result else ""))
+    return 0 if ex["status"] == "SUCCEEDED" else 1
+
+
 def cmd_list(iot, a: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"status": a.status} if a.status else {}
     rows = []
@@ -201,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--endpoint", default=os.environ.get("IOTJOBS_ENDPOINT"),
                     help="control-plane URL of jobsd (default: $IOTJOBS_ENDPOINT, else AWS)")
+    ap.add_argument("--data-endpoint", default=os.environ.get("IOTJOBS_DATA_ENDPOINT"),
+                    help="jobsd's --data URL for `command` (default: $IOTJOBS_DATA_ENDPOINT, "
+                         "else AWS)")
     ap.add_argument("--region", default=os.environ.get("AWS_REGION", "us-east-1"))
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="create a job from a JSON document file")
@@ -240,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thing", action="append", default=[])
     p.add_argument("--group", action="append", default=[])
     p.add_argument("--continuous", action="store_true")
+    k = sub.add_parser("command", help="run an AWS IoT command on a thing and print its outcome")
+    k.add_argument("command_id", help="the command (created with --payload if it is new)")
+    k.add_argument("--thing", required=True)
+    k.add_argument("--payload", help='JSON object (default: {"command": COMMAND_ID})')
+    k.add_argument("--timeout", type=int, default=10, help="executionTimeoutSeconds (default 10)")
     ls = sub.add_parser("list", help="list jobs")
     ls.add_argument("--status", choices=["IN_PROGRESS", "CANCELED", "COMPLETED", "DELETION_IN_PROGRESS"])
     d = sub.add_parser("describe", help="a job, its document and each thing's status")
@@ -259,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     iot = client(a)
     try:
-        return {"create": cmd_create, "ota": cmd_ota, "app": cmd_app, "list": cmd_list, "describe": cmd_describe,
+        return {"create": cmd_create, "ota": cmd_ota, "app": cmd_app, "command": cmd_command, "list": cmd_list, "describe": cmd_describe,
                 "cancel": cmd_cancel, "watch": cmd_watch}[a.cmd](iot, a)
     except ClientError as e:
         err = e.response.get("Error", {})
