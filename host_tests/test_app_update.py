@@ -272,7 +272,9 @@ def test_cancel_while_staging_frees_the_stage(jobsd, iot, app_device, publish):
     # While the device is stuck (as good as off), the operator force-cancels the job.
     iot.cancel_job(jobId=f"{thing}-0", force=True)
     dev.power_cut()
-    stack.wait_until(lambda: "abandoned" in dev.log_text(10**7), 30, "the device to abandon the job")
+    # "abandoned" is logged before the handler's abort runs: wait for the idle line after it
+    stack.wait_until(lambda: "heap free=" in dev.log_text(10**7).partition("abandoned")[2], 30,
+                     "the device to abandon the job and go idle")
     assert not os.path.exists(os.path.join(dev.flash, "app.d", "a")), "staged files removed"
     assert not os.path.exists(os.path.join(dev.flash, "app.d", "a.json"))
     assert not os.path.exists(os.path.join(dev.flash, "app.d", "state.json")), "nothing switched"
