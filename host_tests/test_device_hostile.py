@@ -277,6 +277,9 @@ def test_hostile_input_around_real_jobs(jobsd, mosquitto, iot, device, spy):
     assert len(set(evil.sent)) >= 60
 
     # each real job's updates: its progress reports then one terminal status, nothing refused
+    # (the spy's copy of the last update may trail the service's answer: wait for it)
+    stack.wait_until(lambda: "SUCCEEDED" in updates_of(watch, "h-last"), 10,
+                     "the spy to see the last update")
     for job_id, (document, status, _) in real.items():
         steps = document.get("steps", 0) if document.get("operation") == "demo" else 0
         assert updates_of(watch, job_id) == ["IN_PROGRESS"] * steps + [status], \

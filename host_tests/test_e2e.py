@@ -95,9 +95,12 @@ def test_jobs_queued_before_boot_run_in_creation_order(jobsd, iot, device, spy):
     for i in range(3):
         ex = wait_execution(iot, f"early-{i}", thing, {"SUCCEEDED", "FAILED", "REJECTED"}, device=dev)
         assert ex["status"] == "SUCCEEDED", ex
-    finals = [t.split("/")[4] for t, p in watch.messages
-              if t.endswith("/update") and p.get("status") == "SUCCEEDED"]
-    assert finals == ["early-0", "early-1", "early-2"]
+    def finals():
+        return [t.split("/")[4] for t, p in list(watch.messages)
+                if t.endswith("/update") and p.get("status") == "SUCCEEDED"]
+
+    stack.wait_until(lambda: len(finals()) >= 3, 10, "the spy to see the last update")
+    assert finals() == ["early-0", "early-1", "early-2"]
 
 
 def test_device_reconnects_after_the_broker_restarts(jobsd, mosquitto, iot, device, spy):
