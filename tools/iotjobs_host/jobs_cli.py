@@ -15,16 +15,18 @@ from typing import Any, Optional
 TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "REMOVED"}
 
 
-def client(args: argparse.Namespace):
+def client(args: argparse.Namespace, service: str = "iot", endpoint: Optional[str] = None):
+    """boto3 `iot` on --endpoint (or `iot-jobs-data` on --data-endpoint); AWS without one."""
     import boto3
 
     kw: dict[str, Any] = {"region_name": args.region}
-    if args.endpoint:
-        kw["endpoint_url"] = args.endpoint
+    endpoint = endpoint if service != "iot" else args.endpoint
+    if endpoint:
+        kw["endpoint_url"] = endpoint
         # jobsd does not check signatures; boto3 still wants something to sign with
         kw.setdefault("aws_access_key_id", os.environ.get("AWS_ACCESS_KEY_ID", "local"))
         kw.setdefault("aws_secret_access_key", os.environ.get("AWS_SECRET_ACCESS_KEY", "local"))
-    return boto3.client("iot", **kw)
+    return boto3.client(service, **kw)
 
 
 def _targets(iot, things: list[str], groups: list[str]) -> list[str]:
@@ -120,18 +122,6 @@ def cmd_app(iot, a: argparse.Namespace) -> int:
     return 0
 
 
-def data_client(args: argparse.Namespace):
-    """iot-jobs-data: jobsd's --data listener (--data-endpoint), else AWS IoT's jobs endpoint."""
-    import boto3
-
-    kw: dict[str, Any] = {"region_name": args.region}
-    if args.data_endpoint:
-        kw["endpoint_url"] = args.data_endpoint
-        kw.setdefault("aws_access_key_id", os.environ.get("AWS_ACCESS_KEY_ID", "local"))
-        kw.setdefault("aws_secret_access_key", os.environ.get("AWS_SECRET_ACCESS_KEY", "local"))
-    return boto3.client("iot-jobs-data", **kw)
-
-
 def cmd_command(iot, a: argparse.Namespace) -> int:
     """Start an AWS IoT command on one thing and wait for its outcome (exit 0 on SUCCEEDED)."""
     from botocore.exceptions import ClientError
@@ -160,8 +150,9 @@ def cmd_command(iot, a: argparse.Namespace) -> int:
         arn = iot.create_command(commandId=a.command_id, payload={
             "content": content, "contentType": "application/json"})["commandArn"]
     target = iot.describe_thing(thingName=a.thing)["thingArn"]
-    eid = data_client(a).start_command_execution(targetArn=target, commandArn=arn,
-                                                  executionTimeoutSeconds=a.timeout)["executionId"]
+    data = client(a, "iot-jobs-data", a.data_endpoint)
+    eid = data.start_command_execution(targetArn=target, commandArn=arn,
+                                       executionTimeoutSeconds=a.timeout)["executionId"]
     print(f"started {a.command_id} on {a.thing}: execution {eid}")
     deadline = time.monotonic() + a.timeout + 5
     while True:
