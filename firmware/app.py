@@ -66,7 +66,8 @@ def demo(ctx, doc):
     """The demonstration handler: `{"operation": "demo", "steps": 3, "step_ms": 0, "fail": "why"}`.
 
     Reports each step as IN_PROGRESS (after step_ms of "work"), then succeeds, or raises when
-    `fail` is given."""
+    `fail` is given. It has no side effects, so it is registered as idempotent: after a reset or
+    a memory fault it simply runs again."""
     steps = doc.get("steps", 3)
     step_ms = doc.get("step_ms", 0)
     from iotjobs.runner import JobFailed
@@ -210,7 +211,7 @@ def build(cfg):
     from iotjobs.journal import Journal
 
     gc.collect()
-    from iotjobs.runner import Runner
+    from iotjobs.runner import Runner, FunctionHandler
 
     gc.collect()
 
@@ -233,7 +234,7 @@ def build(cfg):
     handlers = {
         "ota": _lazy("iotjobs.ota", "Ota", **ota_kw),
         "afr_ota": _lazy("iotjobs.ota", "Ota", **ota_kw),
-        "demo": demo,
+        "demo": FunctionHandler(demo, True),  # no side effects: safe to run again
         "reboot": _lazy("iotjobs.reboot", "Reboot"),
         "download-file": _lazy("iotjobs.download", "Download", root=dl.get("root", "data"),
                                allow=dl.get("allow", ()),

@@ -101,9 +101,9 @@ def iot(jobsd):
 
 @pytest.fixture
 def device(tmp_path, mosquitto, pki, procs):
-    """Factory: device(thing, tls=True, heap="96K") starts a tools/devsim process."""
+    """Factory: device(thing, tls=True, heap=DEFAULT_HEAP) starts a tools/devsim process."""
 
-    def start(thing: str, tls: bool = True, heap: str = "96K", extra=None, config=None,
+    def start(thing: str, tls: bool = True, heap: str = stack.DEFAULT_HEAP, extra=None, config=None,
               keepalive: int = 60, broker: str | None = None) -> stack.Device:
         d = stack.Device(
             str(tmp_path / ("device-" + thing)),

@@ -22,7 +22,7 @@ import pytest
 from conftest import thing_arn, wait_execution
 from iotjobs_host import stack
 
-HEAP = "96K"  # the project's device heap (conftest, devsim); 64K no longer holds the job engine
+HEAP = stack.DEFAULT_HEAP  # the project's device heap (devsim's default)
 TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED"}
 TOLERANCE = 2048  # bytes of heap growth allowed between the first and the last job
 HEAP_LINE = re.compile(r"heap free=(\d+) alloc=(\d+)")

@@ -5,7 +5,7 @@ import json
 
 from conftest import stack, thing_arn, wait_execution
 
-HEAP = "96K"
+HEAP = stack.DEFAULT_HEAP
 
 
 def create_job(iot, job_id, thing, document):

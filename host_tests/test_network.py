@@ -12,7 +12,7 @@ from conftest import thing_arn, wait_execution
 from iotjobs_host import stack
 from iotjobs_host.netproxy import Proxy
 
-HEAP = "96K"  # the project's device heap (conftest, devsim); 64K no longer holds the job engine
+HEAP = stack.DEFAULT_HEAP  # the project's device heap (devsim's default)
 TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED"}
 CUT_S = 30.0
 KEEPALIVE = 5

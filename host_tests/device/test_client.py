@@ -1,8 +1,9 @@
 # Reply routing in the client: by topic code and clientToken; foreign topics and replies nobody
 # waits for are dropped without allocating (before any JSON is parsed).
 import micropython
-from iotjobs.client import JobsClient, ACCEPTED, REJECTED, TOO_LARGE
+from iotjobs.client import JobsClient, ACCEPTED, REJECTED, TOO_LARGE, NO_MEMORY
 from iotjobs.transport import Transport
+from iotjobs import transport as TR
 from iotjobs import topics as T
 
 B = b"$aws/things/dev1/jobs/"
@@ -57,8 +58,46 @@ def test_malformed_replies_are_dropped():
 def test_oversized_reply_is_reported():
     c = _client()
     c._want, c._token = T.START_NEXT_ACCEPTED, "t"
+    c.transport.lost = TR.TOO_LARGE
     c._on_message(B + b"start-next/accepted", None)
     assert c._reply == (TOO_LARGE, None)
+
+
+def test_a_reply_the_heap_could_not_hold_is_no_verdict():
+    c = _client()
+    c._want, c._token = T.START_NEXT_ACCEPTED, "t"
+    c.transport.lost = TR.NO_MEMORY  # under the limit, but no memory for it now
+    c._on_message(B + b"start-next/accepted", None)
+    assert c._reply == (NO_MEMORY, None)
+    # an oversized *rejected* reply is no verdict either: ask again
+    c._reply = None
+    c.transport.lost = TR.TOO_LARGE
+    c._on_message(B + b"start-next/rejected", None)
+    assert c._reply == (NO_MEMORY, None)
+
+
+def test_a_message_lost_topic_and_all_wakes_everything_up():
+    c = _client()
+    c._want, c._token = T.UPDATE_ACCEPTED, "t"
+    others = []
+    c.on_other = lambda t, m: others.append((t, m))
+    c._on_message(None, None)
+    assert c._reply == (NO_MEMORY, None)  # it may have been the reply: ask again
+    assert c.take_next_event() is True  # it may have been a notify-next: look again
+    assert others == [(None, None)]  # it may have been a command request
+
+
+def test_a_reply_that_cannot_be_parsed_for_lack_of_memory_is_asked_again():
+    c = _client()
+    c._want, c._token = T.START_NEXT_ACCEPTED, "t"
+    topic, payload = B + b"start-next/accepted", b'{"clientToken":"t","execution":{"jobId":"a"}}'
+    micropython.heap_lock()  # json.loads cannot allocate: MemoryError in codec.parse
+    try:
+        c._on_message(topic, payload)
+    finally:
+        micropython.heap_unlock()
+    assert c._reply == (NO_MEMORY, None)
+    assert c.dropped == 0
 
 
 def test_notify_next_is_a_wake_up_call():

@@ -11,6 +11,8 @@ ACCEPTED = const(1)
 REJECTED = const(2)
 TIMEOUT = const(0)
 TOO_LARGE = const(3)  # a reply arrived but was larger than the device can hold (transport limit)
+NO_MEMORY = const(4)  # a reply (or what may have been one) arrived when the heap could not hold it
+_LOST_TOO_LARGE = const(1)  # transport.TOO_LARGE
 
 
 class JobsClient:
@@ -42,8 +44,18 @@ class JobsClient:
     def _on_message(self, topic, msg):
         # Routing decides from the topic alone, without allocating, whether a message is worth
         # parsing: foreign topics and replies nobody waits for are dropped before any JSON.
-        code = self.topics.match(topic)
         want = self._want
+        if topic is None:
+            # A message the heap could not hold, topic and all: it may have been the reply in
+            # flight (ask again) or a notify-next (look again); the commands module may have
+            # lost a request.
+            if want and self._reply is None:
+                self._reply = (NO_MEMORY, None)
+            self.next_event = True
+            if self.on_other is not None:
+                self.on_other(None, None)
+            return
+        code = self.topics.match(topic)
         if code == T.NONE and self.on_other is not None:
             self.on_other(topic, msg)  # not a jobs topic: the commands module's, or foreign
             return
@@ -55,13 +67,22 @@ class JobsClient:
             # that could name one wakes the runner (a false alarm costs one start-next).
             self.next_event = msg is None or msg.find(b'"execution"') >= 0
             return
-        if msg is None:  # drained by the transport: too large to hold
-            if code == want and self._reply is None:
-                self._reply = (TOO_LARGE, None)
+        if msg is None:  # drained by the transport: too large to hold, or no memory now
+            if self._reply is None:
+                too_large = self.transport.lost == _LOST_TOO_LARGE
+                # Too large is a verdict only for the accepted reply; a rejected one that does
+                # not fit is asked again (it is small unless something is wrong).
+                self._reply = (TOO_LARGE if too_large and code == want else NO_MEMORY, None)
             else:
                 self.dropped += 1
             return
-        doc = codec.parse(msg)
+        try:
+            doc = codec.parse(msg)
+        except MemoryError:
+            # Our reply, most likely (its topic is the one awaited): ask again after a collection.
+            if self._reply is None:
+                self._reply = (NO_MEMORY, None)
+            return
         if doc is None:
             self.dropped += 1
             return
@@ -72,7 +93,8 @@ class JobsClient:
         self.dropped += 1  # a reply to a request we no longer wait for
 
     def _call(self, topic, payload, code, token):
-        """Publish a request and wait (bounded) for its reply: (ACCEPTED|REJECTED|TIMEOUT, doc)."""
+        """Publish a request and wait (bounded) for its reply: (ACCEPTED|REJECTED|TIMEOUT|
+        TOO_LARGE|NO_MEMORY, doc)."""
         self._want = code
         self._token = token
         self._reply = None

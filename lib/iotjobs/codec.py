@@ -99,12 +99,13 @@ def update_request(token, status, details=None, expected_version=None, step_time
 
 
 def parse(payload):
-    """The JSON object in a payload, or None for anything else (never raises)."""
+    """The JSON object in a payload, or None for anything else. Raises only MemoryError: a
+    payload the heap cannot parse now is not a malformed one."""
     if not payload:
         return None
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeError, MemoryError, RuntimeError):
+    except (ValueError, UnicodeError, RuntimeError):
         return None  # RuntimeError: nested deeper than the parser's recursion limit
     return doc if isinstance(doc, dict) else None
 

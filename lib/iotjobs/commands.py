@@ -15,6 +15,11 @@
 # reset is the point) is SUCCEEDED when the boot counter moved, anything else FAILED
 # INTERRUPTED; a request for an execution already done is dropped. Requests arrive in the MQTT
 # callback and wait in a small queue; the runner's loop runs them between job steps.
+#
+# Memory: a request stays queued until it is journaled, so a MemoryError before that only
+# delays it. A handler that runs out of memory ends FAILED OUT_OF_MEMORY; a request whose
+# payload the heap could not hold (under the size limit) ends FAILED OUT_OF_MEMORY, not
+# PAYLOAD_TOO_LARGE: the service has no way to send it again, so the caller is told at once.
 import binascii
 import json
 import time
@@ -29,6 +34,8 @@ _RESULT_MAX = const(1024)
 KIND_REQUEST = const(1)
 KIND_ACCEPTED = const(2)
 KIND_REJECTED = const(3)
+_KIND_LOST = const(4)
+_LOST_NO_MEMORY = const(2)  # transport.NO_MEMORY
 
 # Rejections that say the execution is settled (or never was ours): nothing more to say.
 _SETTLED = ("InvalidStateTransition", "ResourceNotFound", "TerminalStateReached",
@@ -146,6 +153,7 @@ class Commands:
         self._retry_at = None
         self._recovered = False
         self.dropped = 0
+        self.lost = 0  # messages the heap could not hold (requests among them are failed)
         self.done = 0
         self.on_point = on_point  # tests halt the device at named points
         client.on_other = self._on_message
@@ -165,9 +173,19 @@ class Commands:
             self.transport.subscribe(f, 1)
 
     # -- incoming (MQTT callback: no I/O here) ------------------------------------------------
+    def recover(self):
+        """After a memory fault: what the journal says is all that is known."""
+        self._recovered = False
+        self._want = None
+
     def _on_message(self, topic, msg):
         p = self.prefix
         n = len(p)
+        if topic is None:  # a message lost for lack of memory: maybe the answer awaited
+            self.lost += 1
+            if self._want is not None and self._reply is None:
+                self._reply = (_KIND_LOST, None)
+            return
         if not topic.startswith(p):
             self.dropped += 1
             return
@@ -191,6 +209,9 @@ class Commands:
                 self.dropped += 1  # the service times it out; the device stays responsive
                 return
             fmt = rest[8:] if len(rest) > 7 else b""
+            if msg is None and self.transport.lost == _LOST_NO_MEMORY:
+                self.lost += 1
+                fmt = b"oom"
             self.queue.append((eid, msg if fmt == b"json" else None, fmt))  # None: too large
             return
         if eid == self._want and self._reply is None:
@@ -223,6 +244,8 @@ class Commands:
             kind, doc = self._reply
             if kind == KIND_ACCEPTED:
                 return "accepted"
+            if kind == _KIND_LOST:
+                return None
             err = doc.get("error")
             self.log("command %s: report rejected: %s (%s)" % (eid, err, doc.get("errorMessage")))
             return "settled" if err in _SETTLED else None
@@ -252,7 +275,7 @@ class Commands:
                 self._reconcile()
                 return True
         if self.queue:
-            eid, msg, fmt = self.queue.pop(0)
+            eid, msg, fmt = self.queue[0]  # dequeued once journaled (or dropped)
             self._run(eid, msg, fmt)
             return True
         return False
@@ -267,14 +290,23 @@ class Commands:
             self._finish(FAILED, "INTERRUPTED", "the device restarted while the command ran",
                          None)
 
+    def _dequeue(self):
+        if self.queue:
+            self.queue.pop(0)
+
     def _run(self, eid, msg, fmt):
         j = self.journal
         if j.finished_status(eid, 0) is not None:
+            self._dequeue()
             self.log("command %s: done already; request dropped" % eid)
             return
         if fmt != b"json" or msg is None:
             j.start(eid, 0, None)
-            if fmt != b"json":
+            self._dequeue()
+            if fmt == b"oom":
+                self._finish(FAILED, "OUT_OF_MEMORY", "the request arrived when the device "
+                             "had no memory to hold it; send it again", None)
+            elif fmt != b"json":
                 self._finish(REJECTED, "UNSUPPORTED_PAYLOAD", "payload format %s: this device "
                              "takes JSON" % (fmt.decode() or "other"), None)
             else:
@@ -286,6 +318,7 @@ class Commands:
             args = None
         name = args.get("command") if isinstance(args, dict) else None
         j.start(eid, 0, None)  # before any side effect
+        self._dequeue()
         self.point("command-journaled")
         if not isinstance(name, str):
             self._finish(REJECTED, "BAD_PAYLOAD", "expected a JSON object with a command member",
@@ -301,6 +334,12 @@ class Commands:
             status, reason, desc = SUCCEEDED, None, None
         except CommandFailed as e:
             status, reason, desc, result = e.status, e.reason, e.description, None
+        except MemoryError:
+            import gc
+
+            gc.collect()
+            status, reason, desc, result = FAILED, "OUT_OF_MEMORY", "the device ran out of " \
+                "memory while running the command", None
         except Exception as e:  # a handler bug must not take the loop down
             status, reason, desc, result = FAILED, "HANDLER_ERROR", "%s: %s" % (
                 type(e).__name__, e), None
@@ -317,8 +356,22 @@ class Commands:
 
     def _finish(self, status, reason, desc, result):
         j = self.journal.job
-        self.log("command %s: %s%s" % (j["id"], status, " " + reason if reason else ""))
-        self.journal.finish(status, {"p": report(status, reason, desc, result)}, None)
+        # The outcome goes to flash first (tried again after a MemoryError: the failed
+        # attempt's garbage is freed as it unwinds); then the log line.
+        for k in range(3):
+            try:
+                self.journal.finish(status, {"p": report(status, reason, desc, result)}, None)
+                break
+            except MemoryError:
+                if k == 2:
+                    raise
+                import gc
+
+                gc.collect()
+        try:
+            self.log("command %s: %s%s" % (j["id"], status, " " + reason if reason else ""))
+        except MemoryError:
+            pass
         self.point("command-finished")
         self._flush()
 

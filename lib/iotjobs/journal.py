@@ -10,6 +10,9 @@
 #   out   the terminal update not yet acknowledged: [job id, executionNumber, status, details,
 #         expectedVersion] or None
 #   done  recently finished executions, newest last: ["<id>:<n>:<status>", ...] (DONE_MAX)
+#   oom   resets the runner made in a row because memory ran out (it backs off on them)
+#   job["m"]  memory faults the current job has met (the runner resumes it a few times, then
+#         ends it FAILED OUT_OF_MEMORY)
 #
 # Writes per job without checkpoints: start (job), finish (job -> out), acknowledged (out ->
 # done): three. A missing or unreadable journal is a clean start, logged, never a crash.
@@ -42,6 +45,7 @@ class Journal:
         self.writes = 0  # writes since this object was made (for tests and benchmarks)
         self.bytes_written = 0
         self.boot = 0
+        self.oom = 0
         self.job = None
         self.out = None
         self.done = []
@@ -61,6 +65,7 @@ class Journal:
             if not (isinstance(done, list) and all(isinstance(e, str) for e in done)):
                 raise ValueError("bad done list")
             self.boot = d.get("boot", 0) if isinstance(d.get("boot"), int) else 0
+            self.oom = d.get("oom", 0) if isinstance(d.get("oom"), int) else 0
             self.job, self.out, self.done = job, out, done[-DONE_MAX:]
         except OSError:
             self._clean("no journal")
@@ -74,9 +79,16 @@ class Journal:
         self.out = None
         self.done = []
 
-    def save(self):
-        data = json.dumps({"ver": _VERSION, "boot": self.boot, "job": self.job,
-                           "out": self.out, "done": self.done})
+    def save(self, job=0, out=0, done=None):
+        """Write the state with `job`, `out`, `done` replaced (0: keep; None is a value), then
+        adopt them: the object changes only once the new state is in flash, so an exception
+        anywhere in here (a MemoryError while serialising, an I/O error) leaves memory and flash
+        saying the same thing."""
+        job = self.job if job == 0 else job
+        out = self.out if out == 0 else out
+        done = self.done if done is None else done
+        data = json.dumps({"ver": _VERSION, "boot": self.boot, "oom": self.oom, "job": job,
+                           "out": out, "done": done})
         with open(self.tmp, "w") as f:
             n = f.write(data)  # bytes (UTF-8), not characters
         try:
@@ -84,49 +96,55 @@ class Journal:
         except OSError:
             os.rmdir(self.path)  # an empty directory holds the name: clear it, once
             os.rename(self.tmp, self.path)
+        self.job = job
+        self.out = out
+        self.done = done
         self.writes += 1
         self.bytes_written += n
 
     # -- the transitions a job goes through (each one write) -----------------------------------
     def booted(self):
         self.boot += 1
-        self.save()
+        try:
+            self.save()
+        except BaseException:
+            self.boot -= 1
+            raise
 
     def start(self, job_id, number, version):
-        self.job = {"id": job_id, "n": number, "v": version, "step": 0, "cp": None, "t": RUN}
-        self.save()
+        self.save({"id": job_id, "n": number, "v": version, "step": 0, "cp": None, "t": RUN})
 
-    def checkpoint(self, step, cp, state=RUN):
-        j = self.job
+    def checkpoint(self, step, cp, state=RUN, faults=None):
+        """The step running and the handler's checkpoint; `faults` counts the memory faults
+        this job has met (kept when None)."""
+        j = dict(self.job)
         j["step"] = step
         j["cp"] = cp
         j["t"] = state
-        self.save()
+        if faults is not None:
+            j["m"] = faults
+        self.save(j)
 
     def finish(self, status, details, version):
         """The job is over on the device: move it to the outbox in the same write."""
         j = self.job
-        self.out = [j["id"], j["n"], status, details, version]
-        self.job = None
-        self.save()
+        self.save(None, [j["id"], j["n"], status, details, version])
 
     def acknowledged(self):
         """The service has the terminal status: remember the execution as done."""
         o = self.out
+        done = self.done
         if o is not None:
-            self.done.append("%s:%s:%s" % (o[0], o[1], o[2]))
-            del self.done[:-DONE_MAX]
-        self.out = None
-        self.save()
+            done = done[-(DONE_MAX - 1):] + ["%s:%s:%s" % (o[0], o[1], o[2])]
+        self.save(0, None, done)
 
     def abandon(self):
         """The execution was settled elsewhere (cancelled, removed, timed out): forget it."""
         j = self.job
+        done = self.done
         if j is not None:
-            self.done.append("%s:%s:%s" % (j["id"], j["n"], "ABANDONED"))
-            del self.done[:-DONE_MAX]
-        self.job = None
-        self.save()
+            done = done[-(DONE_MAX - 1):] + ["%s:%s:%s" % (j["id"], j["n"], "ABANDONED")]
+        self.save(None, 0, done)
 
     def finished_status(self, job_id, number):
         """The status this device gave the execution, if it finished it recently; else None."""

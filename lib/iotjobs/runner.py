@@ -9,14 +9,26 @@
 # the outcome into the outbox, send the terminal update with expectedVersion, clear the outbox
 # when the service answers, then the next job. Wake on notify-next; re-sync (start-next) after
 # every reconnect and every few minutes in case an event was lost.
+#
+# Memory: running out is a fault like a power cut. The journal changes only once it is written,
+# so after a MemoryError anywhere (in a handler, in the runner, in the client) what the loop
+# knows is what the journal says: a job it holds is reconciled with the service and resumed
+# (at most OOM_JOB_MAX times, then FAILED OUT_OF_MEMORY), never started again. A reply the heap
+# could not hold is asked for again; "too large" is only ever said of a reply over the
+# transport's limit. Faults back off (oom_backoff_ms, doubling); OOM_RESET faults in a row
+# without progress reset the device, after a pause that doubles with each such reset in a row.
 import gc
 import time
 from micropython import const
 from . import codec
-from .client import ACCEPTED, REJECTED, TIMEOUT, TOO_LARGE
+from .client import ACCEPTED, REJECTED, TIMEOUT, TOO_LARGE, NO_MEMORY
 from .topics import START_NEXT_ACCEPTED as T_START_NEXT, UPDATE_ACCEPTED as T_UPDATE
 
 _DEBUG = const(False)
+OOM_RESET = const(5)  # memory faults in a row, without progress, before the device resets
+OOM_JOB_MAX = const(3)  # memory faults one job may meet before it ends FAILED OUT_OF_MEMORY
+_OOM_FORGET_MS = const(600000)  # faults further apart than this are not "in a row"
+_OOM_PAUSE_MAX_MS = const(300000)
 
 # Reason codes in statusDetails["reason"].
 R_OK = "OK"
@@ -27,6 +39,7 @@ R_INTERRUPTED = "INTERRUPTED"
 R_TIMEOUT = "TIMEOUT"
 R_TOO_LARGE = "DOCUMENT_TOO_LARGE"
 R_ALREADY_DONE = "ALREADY_DONE"
+R_OUT_OF_MEMORY = "OUT_OF_MEMORY"
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED")
 # Rejection codes that mean "the service settled this execution otherwise".
@@ -169,6 +182,7 @@ class Runner:
         sleep_ms=time.sleep_ms,
         on_point=None,
         reset_grace_ms=5000,
+        oom_backoff_ms=100,
     ):
         self.client = client
         self.journal = journal
@@ -186,6 +200,12 @@ class Runner:
         self.sleep_ms = sleep_ms
         self.on_point = on_point
         self.reset_grace_ms = reset_grace_ms
+        self.oom_backoff_ms = oom_backoff_ms
+        self.memory_faults = 0  # since start (tests and the heap log line read it)
+        self._oom = 0  # faults in a row without progress
+        self._oom_at = 0
+        self._oom_resume = False  # the journal's job is to be resumed after a memory fault
+        self._cdone = 0
         self.on_online = None
         self.tick = None  # called about once per poll_ms while idle (the application's hook)
         self.commands = None  # iotjobs.commands.Commands: run between job steps
@@ -238,9 +258,56 @@ class Runner:
                 self.log("link lost: %r" % (e,))
                 t.close()
             except MemoryError:
-                # Hostile input on a fragmented heap: drop what was being built, keep running.
-                gc.collect()
-                self.log("out of memory: recovered")
+                self.memory_fault("loop")
+
+    def memory_fault(self, where):
+        """Out of memory somewhere in the loop (or a reply the heap could not hold): go back to
+        what the journal says, back off, and reset when it keeps happening."""
+        gc.collect()
+        now = time.ticks_ms()
+        if self._oom and time.ticks_diff(now, self._oom_at) > _OOM_FORGET_MS:
+            self._oom = 0
+        self._oom += 1
+        self._oom_at = now
+        self.memory_faults += 1
+        j = self.journal
+        if j.job is not None:
+            self._recover = True
+            self._oom_resume = True
+        self._want_next = True
+        c = self.commands
+        if c is not None:
+            c.recover()
+        if self._oom == 1:  # once per burst: a log line costs heap too
+            self._say("out of memory (%s, free %d): back to the journal" % (where, gc.mem_free()))
+        if self._oom < OOM_RESET:
+            self.sleep_ms(self.oom_backoff_ms << (self._oom - 1))
+            return
+        self._oom = 0
+        if self.reset is None:
+            self.sleep_ms(_OOM_PAUSE_MAX_MS // 10)
+            return
+        pause = min(1000 << min(j.oom, 10), _OOM_PAUSE_MAX_MS)
+        j.oom += 1
+        try:
+            j.save()
+        except (MemoryError, OSError):
+            pass
+        self._say("out of memory %d times in a row: reset in %d ms" % (OOM_RESET, pause))
+        self.sleep_ms(pause)
+        self.reset()
+        self.sleep_ms(self.reset_grace_ms)
+
+    def _say(self, msg):
+        try:
+            self.log(msg)
+        except MemoryError:
+            pass
+
+    def _progressed(self):
+        """Work got done: faults before this are not "in a row"."""
+        self._oom = 0
+        self.journal.oom = 0
 
     def _waiting(self):
         """True while backing off after a transient failure (waits on the link meanwhile)."""
@@ -274,6 +341,9 @@ class Runner:
             self._recover = False
         c = self.commands
         if c is not None and c.busy() and c.step():
+            if c.done != self._cdone:
+                self._cdone = c.done
+                self._progressed()
             return
         now = time.ticks_ms()
         if time.ticks_diff(now, self._last_check) >= self.recheck_ms:
@@ -300,6 +370,9 @@ class Runner:
         if res == TIMEOUT:
             self._later()
             return False
+        if res == NO_MEMORY:
+            self.memory_fault("describe reply")
+            return False
         if res == REJECTED:
             code = doc.get("code")
             if code in _TRANSIENT:
@@ -321,9 +394,25 @@ class Runner:
             self._abandon(j, ex.get("jobDocument"))
             return True
         self.version = ex.get("versionNumber")
-        self.log("job %s: resuming step %d after boot %d" % (j["id"], j["step"], self.journal.boot))
-        self._run_steps(j["id"], j["n"], ex.get("jobDocument"), j["step"], j["cp"], True)
+        self._resume(j, ex.get("jobDocument"))
         return True
+
+    def _resume(self, j, document):
+        """Continue the journal's job from its step and checkpoint (after a boot, or after a
+        memory fault: those are counted in the journal, and bounded)."""
+        if self._oom_resume:
+            self._oom_resume = False
+            m = j.get("m", 0) + 1
+            if m > OOM_JOB_MAX:
+                self._finish(codec.FAILED, {"reason": R_OUT_OF_MEMORY, "message":
+                                            "out of memory %d times while running" % (m - 1)})
+                return
+            self.journal.checkpoint(j["step"], j["cp"], j["t"], m)
+            self.log("job %s: resuming step %d after a memory fault" % (j["id"], j["step"]))
+        else:
+            self.log("job %s: resuming step %d after boot %d" % (j["id"], j["step"],
+                                                                  self.journal.boot))
+        self._run_steps(j["id"], j["n"], document, j["step"], j["cp"], True)
 
     def _abandon(self, j, document):
         """The execution was settled elsewhere: let its handler clean up, then forget it."""
@@ -350,6 +439,9 @@ class Runner:
             self._want_next = True
             self._later()
             return
+        if res == NO_MEMORY:
+            self.memory_fault("start-next reply")
+            return
         if res == TOO_LARGE:
             self._too_large()
             return
@@ -371,12 +463,19 @@ class Runner:
     def _too_large(self):
         """start-next's reply did not fit: find the job without its document and reject it."""
         res, doc = self.client.describe("$next", False)
+        if res == NO_MEMORY:
+            self.memory_fault("describe reply")
+            return
         ex = doc.get("execution") if res == ACCEPTED else None
         if not isinstance(ex, dict) or not isinstance(ex.get("jobId"), str):
             self._later()
             self._want_next = True
             return
         n = ex.get("executionNumber")
+        if self.journal.job is not None:  # the journal's job comes first
+            self._recover = True
+            self._want_next = True
+            return
         self.version = ex.get("versionNumber")
         self.journal.start(ex["jobId"], n, self.version)
         self._finish(codec.REJECTED, {"reason": R_TOO_LARGE, "message": "job document too large"})
@@ -387,6 +486,17 @@ class Runner:
         n = execution.get("executionNumber")
         if not isinstance(job_id, str) or not isinstance(n, int) or isinstance(n, bool):
             self.log("execution without a valid jobId/executionNumber dropped")
+            return
+        j = self.journal.job
+        if j is not None:
+            # The journal holds a job (a memory fault came between its journaling and now): it
+            # is never started again. The same execution is resumed from its step; another
+            # one waits until the journal's job is reconciled.
+            if j["id"] != job_id or j["n"] != n:
+                self._recover = True
+                return
+            self.version = execution.get("versionNumber")
+            self._resume(j, execution.get("jobDocument"))
             return
         self.version = execution.get("versionNumber")
         if not isinstance(self.version, int):
@@ -463,6 +573,8 @@ class Runner:
                 status, details = codec.REJECTED, _details(e)
             except JobFailed as e:
                 status, details = codec.FAILED, _details(e)
+            except MemoryError:
+                raise  # a fault, not an outcome: the loop resumes the job from the journal
             except Exception as e:  # a handler bug must not take the loop down
                 status = codec.FAILED
                 details = {"reason": R_HANDLER_ERROR, "message": "%s: %s" % (type(e).__name__, e)}
@@ -474,16 +586,17 @@ class Runner:
             if len(plan) > 1:
                 details["steps"] = "%d/%d" % (i + 1, len(plan))
                 if i + 1 < len(plan):
-                    self.journal.checkpoint(i + 1, None)
+                    _commit(self.journal.checkpoint, i + 1, None)
         self.point("handler-done")
         self._finish(status, details)
 
     def _finish(self, status, details):
         j = self.journal.job
+        # The outcome goes to flash first: a log line is worth less than the outcome.
+        _commit(self.journal.finish, status, details, self.version)
         msg = details.get("message")
-        self.log("job %s: %s %s%s" % (j["id"], status, details.get("reason"),
-                                      ": " + msg if msg else ""))
-        self.journal.finish(status, details, self.version)
+        self._say("job %s: %s %s%s" % (j["id"], status, details.get("reason"),
+                                       ": " + msg if msg else ""))
         self.point("outbox-written")
         self._flush()
 
@@ -510,6 +623,12 @@ class Runner:
         try:
             res, doc = self.client.update(job_id, codec.IN_PROGRESS, details, None,
                                           self.step_timeout_min, number, True)
+        except MemoryError:
+            # Progress is best effort: the handler goes on (the stream is whole: the transport
+            # never stops mid-packet).
+            gc.collect()
+            self.memory_faults += 1
+            return False
         except OSError as e:
             # A lost link must not fail the job: the handler's work goes on; the main loop
             # reconnects once the handler returns, and the outbox delivers the outcome.
@@ -535,6 +654,9 @@ class Runner:
         job_id, n, status, details, version = self.journal.out
         self.point("before-update")
         res, doc = self.client.update(job_id, status, details, version, None, n)
+        if res == NO_MEMORY:
+            self.memory_fault("update reply")
+            return
         if res == TIMEOUT or res == TOO_LARGE:
             self.log("job %s: update not acknowledged, will resend" % job_id)
             self._later()
@@ -556,7 +678,8 @@ class Runner:
             self.log("job %s: update rejected: %s (%s)" % (job_id, code, seen))
         self.point("update-answered")
         self._backoff = self.retry_ms
-        self.journal.acknowledged()
+        self._progressed()
+        _commit(self.journal.acknowledged)
         self.point("outbox-cleared")
         self.jobs_done += 1
         self.version = None
@@ -564,9 +687,22 @@ class Runner:
     def _idle(self):
         """The queue is empty: a good moment to tidy the heap and say how it looks."""
         gc.collect()
+        self._progressed()
         j = self.journal
-        self.log("heap free=%d alloc=%d journal=%d/%d jobs=%d" % (
-            gc.mem_free(), gc.mem_alloc(), j.writes, j.bytes_written, self.jobs_done))
+        self.log("heap free=%d alloc=%d journal=%d/%d jobs=%d oom=%d" % (
+            gc.mem_free(), gc.mem_alloc(), j.writes, j.bytes_written, self.jobs_done,
+            self.memory_faults))
+
+
+def _commit(fn, *args):
+    """A journal write after work that must not be lost: a MemoryError (the failed attempt's
+    garbage is freed when it unwinds) is tried again twice before it becomes a fault."""
+    for _ in range(2):
+        try:
+            return fn(*args)
+        except MemoryError:
+            gc.collect()
+    return fn(*args)
 
 
 def _details(e):

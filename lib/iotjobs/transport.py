@@ -6,6 +6,13 @@
 #  - bounded waits: connect/read timeouts, wait(timeout_ms) with keepalive PINGs;
 #  - reconnect with exponential backoff and jitter, then resubscribe.
 # Every failure of the connection surfaces as OSError, so one `except OSError` drives recovery.
+#
+# The receive path never leaves the stream in the middle of a packet: headers, packet ids and the
+# topic are read into buffers allocated once; the topic and the payload objects are allocated
+# before the payload is consumed, and when either allocation fails (MemoryError) the rest of the
+# packet is drained through a fixed buffer and acknowledged. The callback then gets msg=None and
+# `lost` says why: TOO_LARGE (over MAX_PACKET, a verdict) or NO_MEMORY (this heap, now: worth
+# asking again). A MemoryError raised by the callback itself comes after the whole packet.
 import socket
 import select
 import time
@@ -26,6 +33,11 @@ _TCP_NODELAY = const(1)
 # are drained through a small buffer and reported to the callback with msg=None.
 MAX_PACKET = const(40 * 1024)
 _DRAIN = const(256)
+# AWS IoT topics are at most 256 bytes; a longer one is drained and reported with topic None.
+TOPIC_BUF = const(256)
+# Why the callback got msg=None (in `lost`).
+TOO_LARGE = const(1)
+NO_MEMORY = const(2)
 
 
 class Transport(MQTTClient):
@@ -57,6 +69,15 @@ class Transport(MQTTClient):
         self._ping_at = None
         self._acked = -1  # last PUBACK / SUBACK packet id
         self._suback_rc = 0
+        # Receive buffers, allocated once: nothing on the receive path allocates before it
+        # knows the whole packet can be consumed.
+        self._b1 = bytearray(1)
+        self._b4 = bytearray(4)
+        self._tbuf = bytearray(TOPIC_BUF)
+        self._drain = bytearray(_DRAIN)
+        self._ack = bytearray(b"\x40\x02\x00\x00")
+        self.lost = 0  # TOO_LARGE or NO_MEMORY: why the callback's last msg was None
+        self.lost_count = 0  # messages lost to a lack of memory since start
 
     # -- connection --------------------------------------------------------------------------
     def connect(self, clean_session=True):
@@ -200,21 +221,45 @@ class Transport(MQTTClient):
 
     # -- inbound -----------------------------------------------------------------------------
     def _read(self, n):
-        b = self.sock.read(n)
-        if not b:
-            raise OSError("connection closed")
-        while len(b) < n:
-            more = self.sock.read(n - len(b))
-            if not more:
-                raise OSError("connection closed")
-            b += more
+        """n bytes as a new object (the CONNACK only: the receive path uses _fill)."""
+        b = bytearray(n)
+        self._fill(b, n)
         return b
+
+    def _fill(self, buf, n):
+        """Read exactly n bytes into buf[0:n]; allocates nothing."""
+        if not n:
+            return
+        got = self.sock.readinto(buf, n)
+        if not got:
+            raise OSError("connection closed")
+        b1 = self._b1
+        while got < n:  # a short read (rare for headers): byte by byte, still no allocation
+            if not self.sock.readinto(b1):
+                raise OSError("connection closed")
+            buf[got] = b1[0]
+            got += 1
+
+    def _skip(self, n):
+        """Consume n bytes through the drain buffer."""
+        d = self._drain
+        while n > 0:
+            k = self.sock.readinto(d, n if n < _DRAIN else _DRAIN)
+            if not k:
+                raise OSError("connection closed")
+            n -= k
 
     def _readinto(self, mv):
         got = 0
         n = len(mv)
         while got < n:
-            k = self.sock.readinto(mv[got:])
+            try:
+                k = self.sock.readinto(mv[got:] if got else mv)
+            except MemoryError:
+                # The slice could not be allocated (nothing was read): one byte at a time.
+                k = self.sock.readinto(self._b1)
+                if k:
+                    mv[got] = self._b1[0]
             if not k:
                 raise OSError("connection closed")
             got += k
@@ -222,8 +267,10 @@ class Transport(MQTTClient):
     def _recv_len(self):
         n = 0
         sh = 0
+        b1 = self._b1
         while True:
-            b = self._read(1)[0]
+            self._fill(b1, 1)
+            b = b1[0]
             n |= (b & 0x7F) << sh
             if not b & 0x80:
                 return n
@@ -254,23 +301,23 @@ class Transport(MQTTClient):
             self.ping()
 
     def _try_byte(self):
-        """The next byte if one is ready, else None; never blocks. Tried before polling: TLS
-        may hold decrypted bytes the TCP socket no longer shows."""
+        """The next byte if one is ready, else None; never blocks, never allocates. Tried
+        before polling: TLS may hold decrypted bytes the TCP socket no longer shows."""
         raw = self.raw
         raw.settimeout(0)
         try:
-            b = self.sock.read(1)
+            k = self.sock.readinto(self._b1)
         except OSError as e:
             if e.args and e.args[0] == _EAGAIN:
                 return None
             raise
         finally:
             raw.settimeout(self.timeout)
-        if b is None:
+        if k is None:
             return None
-        if not b:
+        if not k:
             raise OSError("connection closed")
-        return b[0]
+        return self._b1[0]
 
     def wait(self, timeout_ms):
         """Process at most one incoming packet, waiting up to timeout_ms for it.
@@ -296,7 +343,8 @@ class Transport(MQTTClient):
 
     def wait_msg(self):
         """Read and process exactly one packet (blocking, bounded by the socket timeout)."""
-        return self._packet(self._read(1)[0])
+        self._fill(self._b1, 1)
+        return self._packet(self._b1[0])
 
     def _packet(self, op):
         self._last_rx = time.ticks_ms()
@@ -304,50 +352,73 @@ class Transport(MQTTClient):
         kind = op & 0xF0
         if kind == _PUBLISH:
             self._publish_in(op, sz)
-        elif kind == _PUBACK or kind == _SUBACK:
-            body = self._read(sz)
-            self._acked = body[0] << 8 | body[1]
+        elif (kind == _PUBACK or kind == _SUBACK) and 2 <= sz <= 4:
+            b = self._b4
+            self._fill(b, sz)
+            self._acked = b[0] << 8 | b[1]
             if kind == _SUBACK:
-                self._suback_rc = body[2] if sz > 2 else 0
-        elif kind == _PINGRESP:
-            self._ping_at = None
-            if sz:
-                self._read(sz)
-        elif sz:
-            self._read(sz)
+                self._suback_rc = b[2] if sz > 2 else 0
+        else:
+            if kind == _PINGRESP:
+                self._ping_at = None
+            self._skip(sz)
         return kind
 
+    def _topic(self, n):
+        """The topic read into the topic buffer, as bytes (the first allocation of a PUBLISH)."""
+        return bytes(memoryview(self._tbuf)[:n])
+
+    def _payload(self, n):
+        """The payload's buffer, allocated before a byte of it is read."""
+        return bytearray(n)
+
     def _publish_in(self, op, sz):
-        tlen = self._read(2)
-        tlen = tlen[0] << 8 | tlen[1]
-        topic = self._read(tlen)
-        sz -= tlen + 2
+        b = self._b4
+        self._fill(b, 2)
+        tlen = b[0] << 8 | b[1]
+        sz -= 2
+        if tlen > sz:
+            raise OSError("bad PUBLISH")
+        topic = None
+        msg = None
+        lost = NO_MEMORY
+        if tlen <= TOPIC_BUF:
+            self._fill(self._tbuf, tlen)
+        else:
+            self._skip(tlen)  # longer than any AWS topic: nobody's
+            lost = TOO_LARGE
+        sz -= tlen
         qos = (op >> 1) & 3
         pid = 0
         if qos:
-            p = self._read(2)
-            pid = p[0] << 8 | p[1]
+            self._fill(b, 2)
+            pid = b[0] << 8 | b[1]
             sz -= 2
-        msg = None
-        if sz <= MAX_PACKET:
+        if sz < 0:
+            raise OSError("bad PUBLISH")
+        if lost != TOO_LARGE:
             try:
-                msg = bytearray(sz)  # before reading a byte: no allocation can fail mid-packet
+                topic = self._topic(tlen)
+                if sz > MAX_PACKET:
+                    lost = TOO_LARGE
+                else:
+                    msg = self._payload(sz)
+                    self._readinto(memoryview(msg))
+                    sz = 0
             except MemoryError:
-                pass
-        if msg is not None:
-            self._readinto(memoryview(msg))
-        else:
-            # Too large for the limit or for this heap now: drain it through a small buffer,
-            # and tell the callback it was there (msg None).
-            drain = bytearray(_DRAIN)
-            while sz > 0:
-                n = min(sz, _DRAIN)
-                self._readinto(memoryview(drain)[:n])
-                sz -= n
+                msg = None
+        self._skip(sz)  # what could not be held: the stream stays whole
         if qos == 1:
-            self._write(bytes((_PUBACK, 2, pid >> 8, pid & 0xFF)))
+            a = self._ack
+            a[2] = pid >> 8
+            a[3] = pid & 0xFF
+            self._write(a)
         if _DEBUG:
             print("mqtt <", topic, sz)
+        if msg is None:
+            self.lost = lost
+            if lost == NO_MEMORY:
+                self.lost_count += 1
         self.cb(topic, msg)
 
 

@@ -105,7 +105,7 @@ class Bench:
 
     def throughput(self, jobs: int = 200) -> dict:
         """One device, `jobs` queued no-op jobs: jobs per second, journal traffic per job."""
-        thing, spy, dev, _, times = self.device("96K", True, jobs)
+        thing, spy, dev, _, times = self.device(stack.DEFAULT_HEAP, True, jobs)
         try:
             last = f"{thing}-q{jobs - 1}/update/accepted"
             stack.wait_until(lambda: any(t.endswith(last) for _, t, _ in times) or not dev.proc.alive(),
@@ -261,7 +261,7 @@ class Bench:
         boots: list[float] = []
         lat: list[float] = []
         for _ in range(3):
-            thing, spy, dev, t0, times = self.device("96K")
+            thing, spy, dev, t0, times = self.device(stack.DEFAULT_HEAP)
             try:
                 first = spy.wait_for(lambda t, p: t.endswith("/start-next"), 20, "start-next")
                 boots.append(next(ts for ts, t, _ in times if t == first[0]) - t0)
@@ -295,7 +295,7 @@ class Bench:
         spy = stack.Spy(self.mosq.port, thing, commands=True,
                         on_message=lambda t, p: times.append((time.monotonic(), t, p)))
         dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
-                           tls_dir=self.pki.thing(thing), heap="96K")
+                           tls_dir=self.pki.thing(thing), heap=stack.DEFAULT_HEAP)
         cmd = f"ping-{self.n}"
         self.jobsd.iot.create_command(commandId=cmd, payload={
             "content": b'{"command": "ping"}', "contentType": "application/json"})

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         running.append(spy)
         print(f"demo: device {THING} (MicroPython unix port, 96 KB heap, TLS port {mosq.tls_port})")
         dev = stack.Device(os.path.join(work, "device"), THING, mosq.tls_broker,
-                           tls_dir=pki.thing(THING), heap="96K")
+                           tls_dir=pki.thing(THING), heap=stack.DEFAULT_HEAP)
         running.append(dev)
         spy.wait_for(lambda t, p: t.endswith("/start-next"), 30, "the device to ask for work")
         job_id = "demo-" + time.strftime("%H%M%S")

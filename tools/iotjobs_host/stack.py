@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from . import TOOLS
 from .pki import PKI
+from .devsim import DEFAULT_HEAP
 
 
 def free_port() -> int:
@@ -244,7 +245,7 @@ class Device:
     """One tools/devsim process: a simulated board running firmware/ under the unix port."""
 
     def __init__(self, workdir: str, thing: str, broker: str, tls_dir: Optional[str] = None,
-                 heap: str = "96K", extra: Optional[list[str]] = None,
+                 heap: str = DEFAULT_HEAP, extra: Optional[list[str]] = None,
                  config: Optional[dict] = None, keepalive: int = 60) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.thing = thing
