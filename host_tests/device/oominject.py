@@ -44,7 +44,7 @@ class Injector:
         self.at = 0  # the call that faults (0: none)
         self.fired = None  # the seam that was locked, once it has been
         self.locked = False
-        self.seams = []  # (owner, name, original, seam)
+        self.seams = []  # (owner, name, original, seam, is_item)
 
     @property
     def patched(self):
@@ -60,7 +60,10 @@ class Injector:
         # nothing, so the calls made under the locked heap run the code as it is, without the
         # seams' argument tuples.
         for e in self.seams:
-            setattr(e[0], e[1], e[k])
+            if e[4]:
+                e[0][e[1]] = e[k]
+            else:
+                setattr(e[0], e[1], e[k])
 
     def wrap(self, name, fn):
         inj = self
@@ -82,10 +85,22 @@ class Injector:
 
         return seam
 
-    def _patch(self, owner, name, label, fn):
+    def _patch(self, owner, name, label, fn, item=False):
         seam = self.wrap(label, fn)
-        setattr(owner, name, seam)
-        self.seams.append((owner, name, fn, seam))
+        if item:
+            owner[name] = seam
+        else:
+            setattr(owner, name, seam)
+        self.seams.append((owner, name, fn, seam, item))
+
+    def patch_attr(self, obj, name, label):
+        """An attribute holding a callable (a callback, a bound method stored before the
+        patching, a logger): a seam that is swapped back like the others."""
+        self._patch(obj, name, label, getattr(obj, name))
+
+    def patch_item(self, d, key, label):
+        """A callable held in a dict (a handler table)."""
+        self._patch(d, key, label, d[key], True)
 
     def patch_class(self, cls, skip=()):
         """Every function defined in `cls` itself (not inherited, not properties)."""

@@ -2,6 +2,7 @@
 # answers (foreign, malformed and oversized ones), the queue bound, the report payloads, reason
 # codes and typed results. The end-to-end behaviour is in host_tests/test_commands.py.
 import json
+import micropython
 from iotjobs import cmdbuiltin as B
 from iotjobs import commands as C
 from iotjobs.topics import Topics
@@ -34,6 +35,8 @@ def test_requests_are_queued_by_execution_id_and_format():
     c._on_message(P + b"e-1/request/json", b'{"command": "ping"}')
     c._on_message(P + b"e_2/request/cbor", b"\xa0")
     c._on_message(P + b"e3/request", b"raw")
+    assert c.busy() and c.queue == []  # received into the callback's slots, not yet queued
+    c._intake()
     assert [(e, f) for e, _, f in c.queue] == [("e-1", b"json"), ("e_2", b"cbor"), ("e3", b"")]
     assert c.queue[0][1] == b'{"command": "ping"}'
     assert c.queue[1][1] is None and c.queue[2][1] is None, "non-JSON payloads are not kept"
@@ -47,6 +50,7 @@ def test_foreign_and_malformed_topics_are_dropped():
               P + b"e/request/xml", P + b"e/response/json", P + b"e", b"$aws/things/dev1/jobs/x",
               P + b"e/request/json/extra"):
         c._on_message(t, b"{}")
+    c._intake()
     assert c.queue == [] and c.dropped == 10
 
 
@@ -55,22 +59,48 @@ def test_the_queue_is_bounded_and_duplicates_are_dropped():
     for i in range(6):
         c._on_message(P + b"e%d/request/json" % i, b"{}")
     c._on_message(P + b"e0/request/json", b"{}")
+    c._intake()
     assert [e for e, _, _ in c.queue] == ["e0", "e1", "e2", "e3"]
     assert c.dropped == 3
+    c._on_message(P + b"e9/request/json", b"{}")  # the queue is full: dropped
+    c.queue.pop(0)
+    c._on_message(P + b"e1/request/json", b"{}")  # already queued: dropped at intake
+    c._intake()
+    assert [e for e, _, _ in c.queue] == ["e1", "e2", "e3"] and c.dropped == 5
+
+
+def test_receiving_allocates_nothing():
+    # a request or an answer that has arrived whole is never lost to a MemoryError in the
+    # callback: it only stores references in fixed slots
+    c = _commands()
+    c._want, c._want_b = "e1", b"e1"
+    req, ans = P + b"e5/request/json", P + b"e1/response/accepted/json"
+    micropython.heap_lock()
+    try:
+        c._on_message(req, b'{"command": "ping"}')
+        c._on_message(ans, b"{}")
+        c._on_message(None, None)
+    finally:
+        micropython.heap_unlock()
+    c._intake()
+    assert c.queue == [("e5", b'{"command": "ping"}', b"json")]
+    assert c._reply == C.KIND_ACCEPTED and c.lost == 1
 
 
 def test_answers_route_only_to_the_report_waited_for():
     c = _commands()
     c._on_message(P + b"e1/response/accepted/json", b'{"executionId": "e1"}')
-    assert c._reply is None and c.dropped == 1
-    c._want = "e1"
+    assert not c._reply and c.dropped == 1
+    c._want, c._want_b = "e1", b"e1"
     c._on_message(P + b"e2/response/accepted/json", b"{}")
-    assert c._reply is None
+    c._on_message(P + b"e11/response/accepted/json", b"{}")  # e1 is a prefix of e11
+    assert not c._reply and c.dropped == 3
     c._on_message(P + b"e1/response/rejected/json", b'{"error": "InvalidStateTransition"}')
-    assert c._reply == (C.KIND_REJECTED, {"error": "InvalidStateTransition"})
-    c._reply = None
+    assert c._reply == C.KIND_REJECTED
+    assert c._reply_msg == b'{"error": "InvalidStateTransition"}'
+    c._reply = 0
     c._on_message(P + b"e1/response/accepted/json", b"not json")
-    assert c._reply == (C.KIND_ACCEPTED, {})
+    assert c._reply == C.KIND_ACCEPTED
 
 
 def test_reports_and_reason_codes():

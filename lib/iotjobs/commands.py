@@ -147,9 +147,19 @@ class Commands:
         thing = client.topics.thing
         self.prefix = b"$aws/commands/things/" + thing + b"/executions/"
         self.filters = (self.prefix + b"+/request/#", self.prefix + b"+/response/+/json")
-        self.queue = []  # (execution id, payload bytes or None when it was too large)
+        self.queue = []  # (execution id, payload bytes or None when it was too large, format)
+        # What the MQTT callback receives goes into fixed slots (a ring): the callback
+        # allocates nothing, so no MemoryError can lose a request that has arrived whole. The
+        # loop moves them into `queue` (_intake).
+        self._in_topic = [None] * _QUEUE_MAX
+        self._in_msg = [None] * _QUEUE_MAX
+        self._in_lost = [0] * _QUEUE_MAX  # the transport's `lost` when msg is None
+        self._in_head = 0
+        self._in_n = 0
         self._want = None  # execution id whose report awaits its answer
-        self._reply = None
+        self._want_b = None  # the same, as bytes (matched against topics without allocating)
+        self._reply = 0  # the answer's kind (0: none yet)
+        self._reply_msg = None
         self._retry_at = None
         self._recovered = False
         self.dropped = 0
@@ -177,14 +187,16 @@ class Commands:
         """After a memory fault: what the journal says is all that is known."""
         self._recovered = False
         self._want = None
+        self._want_b = None
 
     def _on_message(self, topic, msg):
+        # Allocation-free: bytes compared in place, references stored in fixed slots.
         p = self.prefix
         n = len(p)
         if topic is None:  # a message lost for lack of memory: maybe the answer awaited
             self.lost += 1
-            if self._want is not None and self._reply is None:
-                self._reply = (_KIND_LOST, None)
+            if self._want_b is not None and not self._reply:
+                self._reply = _KIND_LOST
             return
         if not topic.startswith(p):
             self.dropped += 1
@@ -193,71 +205,108 @@ class Commands:
         if slash < 0 or not _valid_id(topic, n, slash):
             self.dropped += 1
             return
-        rest = topic[slash + 1:]
-        if rest in (b"request", b"request/json", b"request/cbor"):
+        tail = len(topic) - slash
+        if (tail == 8 and topic.endswith(b"/request")) or (tail == 13 and (
+                topic.endswith(b"/request/json") or topic.endswith(b"/request/cbor"))):
             kind = KIND_REQUEST
-        elif rest == b"response/accepted/json":
+        elif tail == 23 and topic.endswith(b"/response/accepted/json"):
             kind = KIND_ACCEPTED
-        elif rest == b"response/rejected/json":
+        elif tail == 23 and topic.endswith(b"/response/rejected/json"):
             kind = KIND_REJECTED
         else:
             self.dropped += 1
             return
-        eid = topic[n:slash].decode()
         if kind == KIND_REQUEST:
-            if len(self.queue) >= _QUEUE_MAX or any(q[0] == eid for q in self.queue):
+            k = self._in_n
+            if k + len(self.queue) >= _QUEUE_MAX:
                 self.dropped += 1  # the service times it out; the device stays responsive
                 return
-            fmt = rest[8:] if len(rest) > 7 else b""
-            if msg is None and self.transport.lost == _LOST_NO_MEMORY:
-                self.lost += 1
-                fmt = b"oom"
-            self.queue.append((eid, msg if fmt == b"json" else None, fmt))  # None: too large
+            i = self._in_head
+            for _ in range(k):
+                if self._in_topic[i] == topic:
+                    self.dropped += 1  # a duplicate delivery
+                    return
+                i = (i + 1) % _QUEUE_MAX
+            self._in_topic[i] = topic
+            self._in_msg[i] = msg
+            self._in_lost[i] = 0 if msg is not None else self.transport.lost
+            self._in_n = k + 1
             return
-        if eid == self._want and self._reply is None:
-            doc = None
-            if msg is not None:
-                try:
-                    doc = json.loads(msg)
-                except ValueError:
-                    doc = None
-            self._reply = (kind, doc if isinstance(doc, dict) else {})
+        w = self._want_b
+        if w is not None and not self._reply and slash - n == len(w) and topic.startswith(w, n):
+            self._reply = kind
+            self._reply_msg = msg
         else:
             self.dropped += 1
+
+    def _intake(self):
+        """Move what the callback received into `queue` (allocates: the loop's side)."""
+        while self._in_n:
+            i = self._in_head
+            topic = self._in_topic[i]
+            n = len(self.prefix)
+            slash = topic.find(b"/", n)
+            eid = topic[n:slash].decode()
+            if any(q[0] == eid for q in self.queue):
+                self.dropped += 1
+            else:
+                fmt = topic[slash + 9:]  # after "/request/"
+                msg = self._in_msg[i]
+                if msg is None and self._in_lost[i] == _LOST_NO_MEMORY:
+                    self.lost += 1
+                    fmt = b"oom"
+                self.queue.append((eid, msg if fmt == b"json" else None, fmt))  # None: too large
+            self._in_topic[i] = None
+            self._in_msg[i] = None
+            self._in_head = (i + 1) % _QUEUE_MAX
+            self._in_n -= 1
 
     # -- talking to the service ---------------------------------------------------------------
     def send(self, eid, payload):
         """Publish a report and wait (bounded) for its answer: "accepted", "settled" (rejected
         as already final / not ours), or None (no answer, or a transient rejection)."""
+        w = eid.encode()
+        topic = self.prefix + w + b"/response/json"
+        body = payload.encode() if isinstance(payload, str) else payload
         self._want = eid
-        self._reply = None
+        self._want_b = w
+        self._reply = 0
+        self._reply_msg = None
         try:
-            self.transport.publish(self.prefix + eid.encode() + b"/response/json",
-                                   payload.encode() if isinstance(payload, str) else payload,
-                                   0, 1, False)
+            self.transport.publish(topic, body, 0, 1, False)
             deadline = time.ticks_add(time.ticks_ms(), self.reply_timeout_ms)
-            while self._reply is None:
+            while not self._reply:
                 left = time.ticks_diff(deadline, time.ticks_ms())
                 if left <= 0:
                     return None
                 self.transport.wait(left)
-            kind, doc = self._reply
+            kind = self._reply
             if kind == KIND_ACCEPTED:
                 return "accepted"
             if kind == _KIND_LOST:
                 return None
+            doc = None
+            if self._reply_msg is not None:
+                try:
+                    doc = json.loads(self._reply_msg)
+                except ValueError:
+                    doc = None
+            if not isinstance(doc, dict):
+                doc = {}
             err = doc.get("error")
             self.log("command %s: report rejected: %s (%s)" % (eid, err, doc.get("errorMessage")))
             return "settled" if err in _SETTLED else None
         finally:
             self._want = None
+            self._want_b = None
+            self._reply_msg = None
 
     # -- the runner's loop --------------------------------------------------------------------
     def busy(self):
         """True when there is something to do: a report to deliver, a boot to reconcile, or a
         request waiting."""
-        return bool(self.queue) or self.journal.out is not None or not self._recovered \
-            or self.journal.job is not None
+        return bool(self.queue) or self._in_n > 0 or self.journal.out is not None \
+            or not self._recovered or self.journal.job is not None
 
     def step(self):
         """One piece of work (called by the runner's loop when busy())."""
@@ -274,6 +323,7 @@ class Commands:
             if j.job is not None:
                 self._reconcile()
                 return True
+        self._intake()
         if self.queue:
             eid, msg, fmt = self.queue[0]  # dequeued once journaled (or dropped)
             self._run(eid, msg, fmt)

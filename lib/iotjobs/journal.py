@@ -87,10 +87,13 @@ class Journal:
         job = self.job if job == 0 else job
         out = self.out if out == 0 else out
         done = self.done if done is None else done
-        data = json.dumps({"ver": _VERSION, "boot": self.boot, "oom": self.oom, "job": job,
-                           "out": out, "done": done})
         with open(self.tmp, "w") as f:
-            n = f.write(data)  # bytes (UTF-8), not characters
+            # Streamed into the file piece by piece: no contiguous copy of the whole state is
+            # ever needed, which a fragmented heap may not have (a 500-byte string failed with
+            # 7 KB free in the near-minimum-heap test).
+            json.dump({"ver": _VERSION, "boot": self.boot, "oom": self.oom, "job": job,
+                       "out": out, "done": done}, f)
+            n = f.tell()  # bytes (UTF-8), not characters
         try:
             os.rename(self.tmp, self.path)
         except OSError:

@@ -348,6 +348,8 @@ class Runner:
         now = time.ticks_ms()
         if time.ticks_diff(now, self._last_check) >= self.recheck_ms:
             self._want_next = True
+        if self.client.take_next_event():  # one that came while a command or a job ran
+            self._want_next = True
         if self._want_next:
             self._want_next = False
             self._last_check = now
@@ -689,9 +691,9 @@ class Runner:
         gc.collect()
         self._progressed()
         j = self.journal
-        self.log("heap free=%d alloc=%d journal=%d/%d jobs=%d oom=%d" % (
+        self.log("heap free=%d alloc=%d journal=%d/%d jobs=%d oom=%d lost=%d" % (
             gc.mem_free(), gc.mem_alloc(), j.writes, j.bytes_written, self.jobs_done,
-            self.memory_faults))
+            self.memory_faults, self.client.transport.lost_count))
 
 
 def _commit(fn, *args):

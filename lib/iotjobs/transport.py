@@ -32,9 +32,9 @@ _TCP_NODELAY = const(1)
 # Largest inbound PUBLISH held in RAM: a 32 KB job document plus its envelope. Larger packets
 # are drained through a small buffer and reported to the callback with msg=None.
 MAX_PACKET = const(40 * 1024)
-_DRAIN = const(256)
 # AWS IoT topics are at most 256 bytes; a longer one is drained and reported with topic None.
 TOPIC_BUF = const(256)
+_DRAIN = const(256)  # the topic buffer, reused
 # Why the callback got msg=None (in `lost`).
 TOO_LARGE = const(1)
 NO_MEMORY = const(2)
@@ -74,7 +74,7 @@ class Transport(MQTTClient):
         self._b1 = bytearray(1)
         self._b4 = bytearray(4)
         self._tbuf = bytearray(TOPIC_BUF)
-        self._drain = bytearray(_DRAIN)
+        self._drain = self._tbuf  # one buffer: a topic is copied out (or given up) before a drain
         self._ack = bytearray(b"\x40\x02\x00\x00")
         self.lost = 0  # TOO_LARGE or NO_MEMORY: why the callback's last msg was None
         self.lost_count = 0  # messages lost to a lack of memory since start

@@ -234,6 +234,55 @@ class Bench:
                 lo = mid
         return hi
 
+    def ping_then_steps(self, heap_kb: int, timeout: float = 20) -> bool:
+        """A fresh device (TLS, test handlers) runs a `ping` command, then a steps job with a
+        side effect ([effect, demo]): both SUCCEEDED? The system tests' heaviest default path,
+        which picks devsim's default heap (devsim.DEFAULT_HEAP)."""
+        if not getattr(self, "_ping", None):
+            self.jobsd.iot.create_command(commandId="bench-ping", payload={
+                "content": b'{"command": "ping"}', "contentType": "application/json"})
+            self._ping = "arn:aws:iot:us-east-1:123456789012:command/bench-ping"
+        self.n += 1
+        thing = f"heap-{self.n}"
+        self.jobsd.iot.create_thing(thingName=thing)
+        dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
+                           tls_dir=self.pki.thing(thing), heap=f"{heap_kb}K",
+                           config={"test_handlers": True})
+        try:
+            try:
+                stack.wait_until(lambda: "heap free=" in dev.log_text(10**6)
+                                 or "boot 2" in dev.log_text(10**6), timeout, "online", 0.05)
+            except TimeoutError:
+                return False
+            if "boot 2" in dev.log_text(10**6):
+                return False
+            eid = self.jobsd.data.start_command_execution(targetArn=ARN + thing,
+                                                          commandArn=self._ping)["executionId"]
+            doc = {"version": "1.0", "steps": [
+                {"action": {"name": "e", "type": "runHandler", "input": {"handler": "effect.sh"}}},
+                {"action": {"name": "d", "type": "runHandler", "input": {"handler": "demo.sh"}}}]}
+            self.jobsd.iot.create_job(jobId=f"{thing}-steps", targets=[ARN + thing],
+                                      document=json.dumps(doc))
+            end = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "REMOVED")
+
+            def done():
+                c = self.jobsd.iot.get_command_execution(executionId=eid,
+                                                         targetArn=ARN + thing)["status"]
+                j = self.jobsd.iot.describe_job_execution(
+                    jobId=f"{thing}-steps", thingName=thing)["execution"]["status"]
+                return (c, j) if c in end and j in end else None
+
+            try:
+                c, j = stack.wait_until(done, timeout, "ping and steps", 0.05)
+            except TimeoutError:
+                return False
+            return c == "SUCCEEDED" and j == "SUCCEEDED" and "boot 2" not in dev.log_text(10**6)
+        finally:
+            dev.stop()
+
+    def ping_steps_heap_min_kb(self, lo: int = 48, hi: int = 192) -> int:
+        return self.smallest_heap_kb(self.ping_then_steps, lo, hi)
+
     def ota_heap_min_kb(self, lo: int = 32, hi: int = 160) -> int:
         return self.smallest_heap_kb(lambda kb: self.ota(kb) is not None, lo, hi)
 
@@ -372,6 +421,7 @@ def device_figures(work: str) -> dict:
     try:
         heap = b.heap_min_kb(True)
         heap_plain = b.heap_min_kb(False)
+        heap_ping_steps = b.ping_steps_heap_min_kb()
         boots, lat = b.timings()
         tp = b.throughput()
         floor = b.floor()
@@ -388,6 +438,8 @@ def device_figures(work: str) -> dict:
     return {
         "heap_min_kb": heap,
         "heap_min_kb_plain": heap_plain,
+        "heap_min_kb_ping_then_steps": heap_ping_steps,
+        "devsim_default_heap": stack.DEFAULT_HEAP,
         "code_heap_bytes": code_heap_bytes(),
         "boot_to_ready_ms": round(statistics.median(boots) * 1000, 1),
         "job_ms_median": round(statistics.median(lat) * 1000, 1),
@@ -416,8 +468,21 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench_jobsd
 
     ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
-    ap.add_argument("--only", choices=["device", "jobsd"])
+    ap.add_argument("--only", choices=["device", "jobsd", "heap"])
     args = ap.parse_args(argv)
+    if args.only == "heap":  # just the figure that picks devsim's default heap
+        work = os.path.join(BUILD, "bench-heap")
+        shutil.rmtree(work, ignore_errors=True)
+        build("host")
+        b = Bench(work)
+        try:
+            kb = b.ping_steps_heap_min_kb()
+            plain = b.heap_min_kb(True)
+        finally:
+            b.stop()
+        print(f"smallest heap, TLS: a no-op job {plain} KB; a ping then a steps job {kb} KB "
+              f"(devsim's default {stack.DEFAULT_HEAP})")
+        return 0
     work = os.path.join(BUILD, "bench")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -427,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         d = result["device"] = device_figures(os.path.join(work, "device"))
         print(f"device: smallest heap for a job, TLS / plain    : {d['heap_min_kb']} KB / "
               f"{d['heap_min_kb_plain']} KB (imported code alone: {d['code_heap_bytes']} bytes)")
+        print(f"device: smallest heap, ping then a steps job    : {d['heap_min_kb_ping_then_steps']} KB "
+              f"(devsim's default: {d['devsim_default_heap']})")
         print(f"device: no-op jobs per second, one device       : {d['jobs_per_s']} "
               f"(service-only floor {d['floor_jobs_per_s']}, {d['jobs_per_s_vs_floor']}x)")
         print(f"device: journal per job                         : {d['journal_writes_per_job']} writes, "
