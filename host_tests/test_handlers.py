@@ -23,7 +23,7 @@ def put(files, key, data, bucket="fw"):
     return hashlib.sha256(data).hexdigest()
 
 
-def run(iot, device, thing, documents, config=None, heap="112K"):
+def run(iot, device, thing, documents, config=None, heap="144K"):
     iot.create_thing(thingName=thing)
     for i, doc in enumerate(documents):
         iot.create_job(jobId=f"{thing}-{i}", targets=[thing_arn(thing)], document=json.dumps(doc))
@@ -138,10 +138,10 @@ def test_download_over_https_checks_the_server_certificate(jobsd, iot, device, p
                  "sha256": sha},
                 {"operation": "download-file", "url": bad.url + "b.bin", "path": "b.bin"},
                 {"operation": "demo", "steps": 0}]
-        # 160K: on the unix port mbedTLS takes its buffers from the MicroPython heap (on an
+        # 176K: on the unix port mbedTLS takes its buffers from the MicroPython heap (on an
         # ESP32 from the IDF heap), and here two TLS sessions are open at once
         dev = run(iot, device, thing, docs,
-                  {"download": {"allow": ["https://localhost:"], "root": "data"}}, heap="160K")
+                  {"download": {"allow": ["https://localhost:"], "root": "data"}}, heap="176K")
         status, details = finished(iot, dev, thing, 0)
         assert status == "SUCCEEDED" and details["sha256"] == sha, details
         status, details = finished(iot, dev, thing, 1)

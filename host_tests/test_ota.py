@@ -42,7 +42,7 @@ def ota_device(tmp_path, device, iot):
             iot.create_job(jobId=f"{thing}-{i}", targets=[thing_arn(thing)], document=json.dumps(doc))
         cfg = {"ota": {"pubkey": str(pub), "allow": ["http://127.0.0.1:"]}, "progress_min_ms": 0}
         cfg.update(extra or {})
-        return device(thing, config=cfg, heap="144K")
+        return device(thing, config=cfg, heap="176K")
 
     return start
 
@@ -154,7 +154,7 @@ def test_one_command_ota_from_tools_jobs(jobsd, iot, files, device, tmp_path):
     image = tmp_path / "fw-2.1.0.bin"
     image.write_bytes(make_image("2.1.0", size=100 * 1024))
     iot.create_thing(thingName="ota-cli")
-    dev = device("ota-cli", heap="144K", config={
+    dev = device("ota-cli", heap="176K", config={
         "ota": {"pubkey": str(keys / "signing-pub.der"), "allow": ["http://127.0.0.1:"]}})
     r = subprocess.run([os.path.join(ROOT, "tools", "jobs"), "--endpoint", jobsd.control_url, "ota",
                         "fw-210", "--image", str(image), "--key", str(keys / "signing-key.pem"),

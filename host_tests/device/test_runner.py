@@ -175,3 +175,98 @@ def test_default_resume_is_at_most_once_and_idempotent_reruns():
             pass
         assert (r.journal.out[2], r.journal.out[3]["reason"]) == want, (op, r.journal.out)
         r.journal.acknowledged()
+
+
+def test_start_next_handing_back_the_journals_execution_resumes_it():
+    # a memory fault left j1 in the journal at step 1 (its first step done); start-next then
+    # offers the same execution: it is resumed from step 1 with its checkpoint, never started
+    # again from step 0
+    calls = []
+
+    class Step(Handler):
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, ctx, doc):
+            calls.append(("run", self.name))
+
+        def resume(self, ctx, doc, cp):
+            calls.append(("resume", self.name, cp))
+
+    doc = {"version": "1.0", "steps": [
+        {"action": {"name": "a", "type": "runHandler", "input": {"handler": "a.sh"}}},
+        {"action": {"name": "b", "type": "runHandler", "input": {"handler": "b.sh"}}},
+        {"action": {"name": "c", "type": "runHandler", "input": {"handler": "c.sh"}}}]}
+    r = _runner({"a": Step("a"), "b": Step("b"), "c": Step("c")})
+    r.journal.start("j1", 1, 2)
+    r.journal.checkpoint(1, {"half": 1})
+    writes = r.journal.writes
+    try:
+        r.run_job({"jobId": "j1", "executionNumber": 1, "versionNumber": 3, "jobDocument": doc})
+    except OSError:
+        pass  # the terminal update waits in the outbox
+    assert calls == [("resume", "b", {"half": 1}), ("run", "c")], calls
+    assert r.journal.out[2] == "SUCCEEDED" and r.journal.out[0] == "j1"
+    assert r.journal.writes - writes == 2  # step c journaled, then the outcome
+
+
+def test_another_execution_waits_until_the_journals_job_is_reconciled():
+    calls = []
+    r = _runner({"x": lambda ctx, doc: calls.append(1)})
+    r.journal.start("j1", 1, 2)
+    r._recover = False
+    r.run_job({"jobId": "j2", "executionNumber": 1, "versionNumber": 1,
+               "jobDocument": {"operation": "x"}})
+    assert calls == [] and r._recover is True
+    assert r.journal.job["id"] == "j1" and r.journal.out is None
+
+
+def test_a_memory_error_in_a_handler_is_a_fault_not_an_outcome():
+    # the handler runs out of memory: nothing is journaled as its outcome; the loop is told
+    # (MemoryError) and the journal still holds the job at its step, to be resumed
+    def greedy(ctx, doc):
+        raise MemoryError("no room")
+
+    r = _runner({"x": greedy})
+    try:
+        r.run_job({"jobId": "j1", "executionNumber": 1, "versionNumber": 2,
+                   "jobDocument": {"operation": "x"}})
+        raise AssertionError("the MemoryError was swallowed")
+    except MemoryError:
+        pass
+    assert r.journal.out is None and r.journal.job["id"] == "j1" and r.journal.job["step"] == 0
+    slept = []
+    r.sleep_ms = slept.append
+    r.memory_fault("test")
+    assert r._recover and r._oom_resume and r.journal.job["m"] == 1 and slept == [100]
+
+
+def test_a_job_that_keeps_running_out_of_memory_ends_failed_out_of_memory():
+    r = _runner({"x": lambda ctx, doc: None})
+    r.sleep_ms = lambda ms: None
+    resets = []
+    r.reset = lambda: resets.append(1)
+    r.reset_grace_ms = 0
+    r.journal.start("j1", 1, 2)
+    for _ in range(R.OOM_JOB_MAX):
+        r.memory_fault("test")
+    assert r.journal.job["m"] == R.OOM_JOB_MAX
+    assert len(resets) == R.OOM_JOB_MAX // 2  # a second fault in one boot resets
+    try:
+        r._resume(r.journal.job, {"operation": "x"})
+    except OSError:
+        pass
+    assert r.journal.out[2] == "FAILED" and r.journal.out[3]["reason"] == R.R_OUT_OF_MEMORY
+
+
+def test_faults_in_a_row_back_off_then_reset_once():
+    r = _runner({})
+    slept, resets = [], []
+    r.sleep_ms = slept.append
+    r.reset = lambda: resets.append(1)
+    r.reset_grace_ms = 0
+    for _ in range(R.OOM_RESET):
+        r.memory_fault("test")
+    assert slept[:R.OOM_RESET - 1] == [100, 200, 400, 800], slept
+    assert resets == [1] and slept[-2] == 1000  # the pause before the first such reset
+    assert r.journal.oom == 1  # the next one waits twice as long

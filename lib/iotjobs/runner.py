@@ -12,11 +12,13 @@
 #
 # Memory: running out is a fault like a power cut. The journal changes only once it is written,
 # so after a MemoryError anywhere (in a handler, in the runner, in the client) what the loop
-# knows is what the journal says: a job it holds is reconciled with the service and resumed
-# (at most OOM_JOB_MAX times, then FAILED OUT_OF_MEMORY), never started again. A reply the heap
-# could not hold is asked for again; "too large" is only ever said of a reply over the
-# transport's limit. Faults back off (oom_backoff_ms, doubling); OOM_RESET faults in a row
-# without progress reset the device, after a pause that doubles with each such reset in a row.
+# knows is what the journal says: a job it holds is reconciled with the service and resumed,
+# never started again. A job that meets a second fault in one boot resets the device (a fresh
+# heap is a defragmented one) and resumes after the boot; after OOM_JOB_MAX faults it ends
+# FAILED OUT_OF_MEMORY. A reply the heap could not hold is asked for again; "too large" is
+# only ever said of a reply over the transport's limit. Faults back off (oom_backoff_ms,
+# doubling); OOM_RESET faults in a row without progress reset the device, after a pause that
+# doubles with each such reset in a row.
 import gc
 import time
 from micropython import const
@@ -26,7 +28,8 @@ from .topics import START_NEXT_ACCEPTED as T_START_NEXT, UPDATE_ACCEPTED as T_UP
 
 _DEBUG = const(False)
 OOM_RESET = const(5)  # memory faults in a row, without progress, before the device resets
-OOM_JOB_MAX = const(3)  # memory faults one job may meet before it ends FAILED OUT_OF_MEMORY
+OOM_JOB_MAX = const(4)  # memory faults one job may meet before it ends FAILED OUT_OF_MEMORY
+_OOM_JOB_BOOT = const(2)  # a job's memory faults in one boot before a reset (a fresh heap)
 _OOM_FORGET_MS = const(600000)  # faults further apart than this are not "in a row"
 _OOM_PAUSE_MAX_MS = const(300000)
 
@@ -205,6 +208,7 @@ class Runner:
         self._oom = 0  # faults in a row without progress
         self._oom_at = 0
         self._oom_resume = False  # the journal's job is to be resumed after a memory fault
+        self._job_oom = 0  # memory faults of the journal's job in this boot
         self._cdone = 0
         self.on_online = None
         self.tick = None  # called about once per poll_ms while idle (the application's hook)
@@ -271,19 +275,27 @@ class Runner:
         self._oom_at = now
         self.memory_faults += 1
         j = self.journal
-        if j.job is not None:
+        job = j.job
+        if job is not None:
             self._recover = True
             self._oom_resume = True
+            self._job_oom += 1
+            try:  # counted in flash: the bound holds across the resets below
+                j.checkpoint(job["step"], job["cp"], job["t"], job.get("m", 0) + 1)
+            except (MemoryError, OSError):
+                pass
         self._want_next = True
         c = self.commands
         if c is not None:
             c.recover()
         if self._oom == 1:  # once per burst: a log line costs heap too
             self._say("out of memory (%s, free %d): back to the journal" % (where, gc.mem_free()))
-        if self._oom < OOM_RESET:
+        if self._oom < OOM_RESET and self._job_oom < _OOM_JOB_BOOT:
             self.sleep_ms(self.oom_backoff_ms << (self._oom - 1))
             return
+        n = self._oom
         self._oom = 0
+        self._job_oom = 0
         if self.reset is None:
             self.sleep_ms(_OOM_PAUSE_MAX_MS // 10)
             return
@@ -293,7 +305,7 @@ class Runner:
             j.save()
         except (MemoryError, OSError):
             pass
-        self._say("out of memory %d times in a row: reset in %d ms" % (OOM_RESET, pause))
+        self._say("out of memory %d times in a row: reset in %d ms" % (n, pause))
         self.sleep_ms(pause)
         self.reset()
         self.sleep_ms(self.reset_grace_ms)
@@ -307,6 +319,7 @@ class Runner:
     def _progressed(self):
         """Work got done: faults before this are not "in a row"."""
         self._oom = 0
+        self._job_oom = 0
         self.journal.oom = 0
 
     def _waiting(self):
@@ -402,14 +415,14 @@ class Runner:
     def _resume(self, j, document):
         """Continue the journal's job from its step and checkpoint (after a boot, or after a
         memory fault: those are counted in the journal, and bounded)."""
+        m = j.get("m", 0)
+        if m >= OOM_JOB_MAX:
+            self._oom_resume = False
+            self._finish(codec.FAILED, {"reason": R_OUT_OF_MEMORY, "message":
+                                        "out of memory %d times while running" % m})
+            return
         if self._oom_resume:
             self._oom_resume = False
-            m = j.get("m", 0) + 1
-            if m > OOM_JOB_MAX:
-                self._finish(codec.FAILED, {"reason": R_OUT_OF_MEMORY, "message":
-                                            "out of memory %d times while running" % (m - 1)})
-                return
-            self.journal.checkpoint(j["step"], j["cp"], j["t"], m)
             self.log("job %s: resuming step %d after a memory fault" % (j["id"], j["step"]))
         else:
             self.log("job %s: resuming step %d after boot %d" % (j["id"], j["step"],
