@@ -464,3 +464,58 @@ def test_typical_job_cost():
     print("typical job: bytes per save %s, total %d; flash: %d programs, %d erases" % (
         sizes, j.bytes_written, fs.flash.writes, fs.flash.erases))
     fs.close()
+
+
+class _NoRoomForTheText:
+    """json as the journal sees it when the heap has no contiguous block for the whole text:
+    dumps fails, dump (streamed into the file) works."""
+
+    def __init__(self):
+        self.streamed = 0
+
+    def dumps(self, obj):
+        raise MemoryError("no block for the text")
+
+    def dump(self, obj, f):
+        self.streamed += 1
+        return json.dump(obj, f)
+
+    def load(self, f):
+        return json.load(f)
+
+
+def test_a_journal_write_streams_when_the_text_does_not_fit_and_a_failed_one_changes_nothing():
+    for fs in (LittleFs(), Posix()):
+        path = fs.dir + "/" + NAME
+        try:
+            j = J.Journal(path)
+            j.booted()
+            j.start("j1", 1, 2)
+            fake = _NoRoomForTheText()
+            J.json = fake
+            try:
+                j.checkpoint(1, {"off": 4096})
+                j.finish("SUCCEEDED", {"reason": "OK"}, 3)
+            finally:
+                J.json = json
+            assert fake.streamed == 2, fs.label
+            again = J.Journal(path)
+            assert again.job is None and again.out == ["j1", 1, "SUCCEEDED", {"reason": "OK"}, 3]
+
+            # a write that fails altogether leaves memory as it was, equal to flash
+            class Full(_NoRoomForTheText):
+                def dump(self, obj, f):
+                    raise MemoryError("nothing fits")
+
+            J.json = Full()
+            try:
+                j.acknowledged()
+                raise AssertionError("the write did not fail")
+            except MemoryError:
+                pass
+            finally:
+                J.json = json
+            assert j.out == ["j1", 1, "SUCCEEDED", {"reason": "OK"}, 3] and j.done == []
+            assert J.Journal(path).out == j.out
+        finally:
+            fs.close()

@@ -87,12 +87,19 @@ class Journal:
         job = self.job if job == 0 else job
         out = self.out if out == 0 else out
         done = self.done if done is None else done
+        state = {"ver": _VERSION, "boot": self.boot, "oom": self.oom, "job": job, "out": out,
+                 "done": done}
+        try:
+            data = json.dumps(state)  # one write: the fast path
+        except MemoryError:
+            # No contiguous block for the whole text (a 500-byte string failed with 7 KB free
+            # in the near-minimum-heap test): stream it into the file piece by piece instead.
+            data = None
         with open(self.tmp, "w") as f:
-            # Streamed into the file piece by piece: no contiguous copy of the whole state is
-            # ever needed, which a fragmented heap may not have (a 500-byte string failed with
-            # 7 KB free in the near-minimum-heap test).
-            json.dump({"ver": _VERSION, "boot": self.boot, "oom": self.oom, "job": job,
-                       "out": out, "done": done}, f)
+            if data is None:
+                json.dump(state, f)
+            else:
+                f.write(data)
             n = f.tell()  # bytes (UTF-8), not characters
         try:
             os.rename(self.tmp, self.path)
