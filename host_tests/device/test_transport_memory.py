@@ -121,27 +121,35 @@ def _case(fail_at, payload_a=b'{"clientToken":"x"}', pid_a=7):
     return t, srv, got, inj, raised
 
 
-def test_a_topic_that_cannot_be_allocated_is_drained_and_acknowledged():
-    calls = [0]
+def _first_call_locked(name, packets, n):
+    """Send `packets`; the first call of Transport.<name> runs with the heap locked (a real
+    MemoryError at its first allocation). What the callback got, and the broker's end."""
     t, srv, got = _pair()
-    orig = Transport._topic
+    orig = getattr(Transport, name)
+    calls = [0]
 
-    def failing(self, n):
+    def failing(self, size):
         calls[0] += 1
-        if calls[0] == 1:
-            micropython.heap_lock()
-            try:
-                return orig(self, n)
-            finally:
-                micropython.heap_unlock()
-        return orig(self, n)
+        if calls[0] != 1:
+            return orig(self, size)
+        micropython.heap_lock()
+        try:
+            return orig(self, size)
+        finally:
+            micropython.heap_unlock()
 
-    Transport._topic = failing
+    setattr(Transport, name, failing)
     try:
-        srv.write(publish(TOPIC_A, b"{}", 7) + publish(TOPIC_B, b"{}", 8))
-        _drain_waits(t, got, 2)
+        srv.write(packets)
+        _drain_waits(t, got, n)
     finally:
-        Transport._topic = orig
+        setattr(Transport, name, orig)
+    return t, srv, got
+
+
+def test_a_topic_that_cannot_be_allocated_is_drained_and_acknowledged():
+    t, srv, got = _first_call_locked("_topic", publish(TOPIC_A, b"{}", 7)
+                                     + publish(TOPIC_B, b"{}", 8), 2)
     assert got[0] == (None, None, TR.NO_MEMORY), got
     assert got[1] == (TOPIC_B, b"{}", 0), got  # the next message is whole
     assert _acks(srv, 2) == [7, 8]
@@ -149,24 +157,11 @@ def test_a_topic_that_cannot_be_allocated_is_drained_and_acknowledged():
 
 
 def test_a_payload_that_cannot_be_allocated_is_no_memory_not_too_large():
-    t, srv, got = _pair()
-    orig = Transport._payload
-    seen = [0]
-
-    def failing(self, n):
-        seen[0] += 1
-        if seen[0] == 1:
-            raise MemoryError("injected")
-        return orig(self, n)
-
-    Transport._payload = failing
-    try:
-        srv.write(publish(TOPIC_A, b'{"a":1}', 7) + publish(TOPIC_B, b'{"b":2}', 8))
-        _drain_waits(t, got, 2)
-    finally:
-        Transport._payload = orig
+    t, srv, got = _first_call_locked("_payload", publish(TOPIC_A, b'{"a":1}', 7)
+                                     + publish(TOPIC_B, b'{"b":2}', 8), 2)
     assert got == [(TOPIC_A, None, TR.NO_MEMORY), (TOPIC_B, b'{"b":2}', 0)], got
     assert _acks(srv, 2) == [7, 8]
+    assert t.lost_count == 1
 
 
 def test_over_the_limit_is_too_large_and_the_stream_stays_whole():
