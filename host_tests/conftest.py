@@ -104,7 +104,8 @@ def device(tmp_path, mosquitto, pki, procs):
     """Factory: device(thing, tls=True, heap=DEFAULT_HEAP) starts a tools/devsim process."""
 
     def start(thing: str, tls: bool = True, heap: str = stack.DEFAULT_HEAP, extra=None, config=None,
-              keepalive: int = 60, broker: str | None = None) -> stack.Device:
+              keepalive: int = 60, broker: str | None = None,
+              image: str = "pip") -> stack.Device:
         d = stack.Device(
             str(tmp_path / ("device-" + thing)),
             thing,
@@ -114,6 +115,7 @@ def device(tmp_path, mosquitto, pki, procs):
             extra=extra,
             config=config,
             keepalive=keepalive,
+            image=image,
         )
         procs.append(d)
         return d

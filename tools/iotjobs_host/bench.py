@@ -38,8 +38,9 @@ ARN = "arn:aws:iot:us-east-1:123456789012:thing/"
 
 
 class Bench:
-    def __init__(self, work: str) -> None:
+    def __init__(self, work: str, image: str = "pip") -> None:
         self.work = work
+        self.image = image  # the device image every device of this bench runs (tools/images)
         self.pki = PKI(os.path.join(work, "pki"))
         self.mosq = stack.Mosquitto(os.path.join(work, "mosquitto"), self.pki)
         self.files = os.path.join(work, "files")
@@ -64,7 +65,7 @@ class Bench:
         t0 = time.monotonic()
         dev = stack.Device(os.path.join(self.work, thing), thing,
                            self.mosq.tls_broker if tls else self.mosq.broker,
-                           tls_dir=self.pki.thing(thing) if tls else None, heap=heap)
+                           tls_dir=self.pki.thing(thing) if tls else None, heap=heap, image=self.image)
         return thing, spy, dev, t0, times
 
     def job_ok(self, thing: str, dev, timeout: float = 8.0) -> bool:
@@ -160,7 +161,7 @@ class Bench:
                         on_message=lambda t, p: times.append((time.monotonic(), t, p)))
         dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
                            tls_dir=self.pki.thing(thing), heap=f"{heap_kb}K",
-                           config={"ota": {"pubkey": pub, "allow": ["http://127.0.0.1:"]}})
+                           config={"ota": {"pubkey": pub, "allow": ["http://127.0.0.1:"]}}, image=self.image)
         try:
             def done():
                 ex = self.jobsd.iot.describe_job_execution(jobId=f"{thing}-job", thingName=thing)
@@ -247,7 +248,7 @@ class Bench:
         self.jobsd.iot.create_thing(thingName=thing)
         dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
                            tls_dir=self.pki.thing(thing), heap=f"{heap_kb}K",
-                           config={"test_handlers": True})
+                           config={"test_handlers": True}, image=self.image)
         try:
             try:
                 stack.wait_until(lambda: "heap free=" in dev.log_text(10**6)
@@ -344,7 +345,7 @@ class Bench:
         spy = stack.Spy(self.mosq.port, thing, commands=True,
                         on_message=lambda t, p: times.append((time.monotonic(), t, p)))
         dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
-                           tls_dir=self.pki.thing(thing), heap=stack.DEFAULT_HEAP)
+                           tls_dir=self.pki.thing(thing), heap=stack.DEFAULT_HEAP, image=self.image)
         cmd = f"ping-{self.n}"
         self.jobsd.iot.create_command(commandId=cmd, payload={
             "content": b'{"command": "ping"}', "contentType": "application/json"})
@@ -469,19 +470,22 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
     ap.add_argument("--only", choices=["device", "jobsd", "heap"])
+    ap.add_argument("--image", choices=["pip", "stock32", "fleet32"], default="pip",
+                    help="with --only heap: the device image (tools/images)")
     args = ap.parse_args(argv)
-    if args.only == "heap":  # just the figure that picks devsim's default heap
+    if args.only == "heap":  # just the figures that pick devsim's default heap
         work = os.path.join(BUILD, "bench-heap")
         shutil.rmtree(work, ignore_errors=True)
         build("host")
-        b = Bench(work)
+        b = Bench(work, args.image)
         try:
-            kb = b.ping_steps_heap_min_kb()
-            plain = b.heap_min_kb(True)
+            kb = b.ping_steps_heap_min_kb(lo=8)
+            tls = b.heap_min_kb(True, lo=8)
+            plain = b.heap_min_kb(False, lo=8)
         finally:
             b.stop()
-        print(f"smallest heap, TLS: a no-op job {plain} KB; a ping then a steps job {kb} KB "
-              f"(devsim's default {stack.DEFAULT_HEAP})")
+        print(f"image {args.image}: smallest heap for a no-op job, TLS / plain: {tls} / {plain} KB; "
+              f"a ping then a steps job (TLS): {kb} KB (devsim's default {stack.DEFAULT_HEAP})")
         return 0
     work = os.path.join(BUILD, "bench")
     shutil.rmtree(work, ignore_errors=True)

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 
-from . import VENV_BIN
+from . import images
 from .build import build
 
 RESET_EXIT = 3  # firmware/platform.py
@@ -206,9 +206,11 @@ def provision(flash: str, thing: str, broker: str, tls: str | None, keepalive: i
 
 
 class Devsim:
-    def __init__(self, flash: str, heap: str, ota: str | None = None) -> None:
+    def __init__(self, flash: str, heap: str, ota: str | None = None, image: str = "pip") -> None:
         self.flash = flash
         self.heap = heap
+        self.image = image
+        self.exe = images.interpreter(image)
         self.ota = os.path.abspath(ota or ota_dir(flash))
         self.child: subprocess.Popen | None = None
         self.stopping = False
@@ -233,11 +235,12 @@ class Devsim:
         env["IOTJOBS_ROLLED_BACK"] = choice.rolled_back or ""
         self.boots += 1
         self.child = subprocess.Popen(
-            [os.path.join(VENV_BIN, "micropython"), "-X", f"heapsize={self.heap}", "-m", "main"],
+            [self.exe, "-X", f"heapsize={self.heap}", "-m", "main"],
             cwd=self.flash, env=env, stdin=subprocess.DEVNULL,
         )
         # tests kill the firmware process (a power cut) by this pid
-        print(f"devsim: boot {self.boots} (heap {self.heap}, pid {self.child.pid})", flush=True)
+        print(f"devsim: boot {self.boots} (image {self.image}, heap {self.heap}, "
+              f"pid {self.child.pid})", flush=True)
         rc = self.child.wait()
         self.child = None
         return rc
@@ -276,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heap", default=DEFAULT_HEAP,
                     help=f"MicroPython heap, e.g. 96K (default {DEFAULT_HEAP})")
     ap.add_argument("--tls", help="folder with the thing's ca.der, cert.der and key.der")
+    ap.add_argument("--image", choices=images.IMAGES, default="pip",
+                    help="the interpreter (tools/images builds the 32-bit ones; default pip)")
     ap.add_argument("--keepalive", type=int, default=60, help="MQTT keepalive, seconds")
     ap.add_argument("--config", default="{}",
                     help="JSON object merged into the device's config.json on first start")
@@ -304,4 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"devsim: --slot-size: {e}", file=sys.stderr)
         return 2
-    return Devsim(args.flash, args.heap, ota).run()
+    exe = images.interpreter(args.image)
+    if not os.access(exe, os.X_OK):
+        print(f"devsim: image {args.image} is not built ({exe}): run make setup", file=sys.stderr)
+        return 2
+    return Devsim(args.flash, args.heap, ota, args.image).run()

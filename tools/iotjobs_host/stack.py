@@ -246,12 +246,15 @@ class Device:
 
     def __init__(self, workdir: str, thing: str, broker: str, tls_dir: Optional[str] = None,
                  heap: str = DEFAULT_HEAP, extra: Optional[list[str]] = None,
-                 config: Optional[dict] = None, keepalive: int = 60) -> None:
+                 config: Optional[dict] = None, keepalive: int = 60,
+                 image: str = "pip") -> None:
         os.makedirs(workdir, exist_ok=True)
         self.thing = thing
+        self.image = image
         self.flash = os.path.join(workdir, "flash")
         argv = [os.path.join(TOOLS, "devsim"), "--thing", thing, "--broker", broker,
-                "--flash", self.flash, "--heap", heap, "--keepalive", str(keepalive)]
+                "--flash", self.flash, "--heap", heap, "--keepalive", str(keepalive),
+                "--image", image]
         if tls_dir:
             argv += ["--tls", tls_dir]
         if config:
@@ -266,7 +269,7 @@ class Device:
         """PIDs of the firmware processes devsim has started, oldest first."""
         import re
 
-        return [int(m) for m in re.findall(r"devsim: boot \d+ \(heap \S+, pid (\d+)\)",
+        return [int(m) for m in re.findall(r"devsim: boot \d+ \(image \S+, heap \S+, pid (\d+)\)",
                                             self.proc.log_text(10**7))]
 
     def power_cut(self) -> int:
