@@ -2,7 +2,7 @@
 .PHONY: setup build size test demo bench lint clean deploy repl flash
 
 PY := .venv/bin/python
-LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash boards/esp32
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash boards/esp32
 BOARD ?=
 
 setup:

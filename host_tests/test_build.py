@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -111,3 +113,47 @@ def test_mip_package_lists_the_library():
     for dest, src in pkg["urls"]:
         assert dest == src and os.path.exists(os.path.join(ROOT, "lib", src))
     assert ["umqtt.simple", "latest"] in pkg["deps"] and pkg["version"]
+
+
+def _manifest(tmp_path, body: str) -> str:
+    """A copy of a board manifest in tmp_path, its relative paths made absolute."""
+    path = tmp_path / "manifest.py"
+    path.write_text(body.replace('"../../', '"' + os.path.join(ROOT, "")).replace(
+        '"../esp32"', repr(os.path.join(ROOT, "boards", "esp32"))))
+    return str(path)
+
+
+def test_board_manifests_go_through_makemanifest_and_freeze_our_code():
+    from iotjobs_host import images
+
+    for name in ("ESP32_GENERIC", "ESP32_GENERIC_S3", "ESP32_GENERIC_C3"):
+        info = B.board_info(name)
+        fz = images.freeze_board(name, info["arch"])
+        assert fz["ours_modules"] >= 18 and fz["ours_bytes"] > 40_000, fz
+        assert fz["bytes"] < B.ota_slot_bytes(info), "frozen code larger than the OTA slot"
+        frozen = os.path.join(ROOT, "build", "frozen", name, "frozen_mpy")
+        assert os.path.exists(os.path.join(frozen, "iotjobs", "runner.mpy"))
+        assert os.path.exists(os.path.join(frozen, "umqtt", "simple.mpy"))  # the stock's
+
+
+def test_a_manifest_naming_a_missing_file_fails(tmp_path):
+    from iotjobs_host import images
+
+    with open(os.path.join(ROOT, "boards", "ESP32_GENERIC", "manifest.py")) as f:
+        good = f.read()
+    bad = _manifest(tmp_path, good.replace('module("app.py"', 'module("no-such-module.py"'))
+    with pytest.raises(images.ImageError, match="no-such-module"):
+        images.freeze_board("ESP32_GENERIC", "xtensawin", bad, str(tmp_path / "out"))
+
+
+def test_a_manifest_freezing_again_what_the_stock_image_freezes_fails(tmp_path):
+    from iotjobs_host import images
+
+    with open(os.path.join(ROOT, "boards", "ESP32_GENERIC", "manifest.py")) as f:
+        good = f.read()
+    again = _manifest(tmp_path, good + '\nrequire("umqtt.simple")\n')
+    with pytest.raises(images.ImageError, match="umqtt/simple.py"):
+        images.freeze_board("ESP32_GENERIC", "xtensawin", again, str(tmp_path / "out"))
+    # the same manifest without the repeat passes: the check is about the repeat
+    ok = _manifest(tmp_path, good)
+    assert images.freeze_board("ESP32_GENERIC", "xtensawin", ok, str(tmp_path / "out2"))["ours_modules"]

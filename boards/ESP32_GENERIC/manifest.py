@@ -2,7 +2,8 @@
 # paths are relative to this file). Build with mpbuild from a micropython checkout, see
 # boards/README.md:  FROZEN_MANIFEST=<this file>
 include("$(PORT_DIR)/boards/manifest.py")  # what the stock image freezes (asyncio, ...)
-require("umqtt.simple")  # from micropython-lib
+# umqtt.simple (and ssl) come with the stock manifest: freezing them again is refused by
+# make build (tools/iotjobs_host/images.freeze_board).
 package("iotjobs", base_path="../../lib")  # the library, frozen: its code costs no heap
 module("app.py", base_path="../../firmware")  # the device wiring
 module("platform.py", base_path="../esp32")  # the ESP32 platform module (not the unix twin)

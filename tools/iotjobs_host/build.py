@@ -183,4 +183,30 @@ def _boards(names: list[str], show: bool) -> int:
               f"({100 * total // budget}%)")
         if total > budget:
             worst = 1
+        if info["chip"] != "unix":
+            from . import images
+
+            try:
+                fz = images.freeze_board(name, info["arch"])
+            except images.ImageError as e:
+                print(f"build: {name}: the freeze manifest: {e}", file=sys.stderr)
+                return 1
+            slot = ota_slot_bytes(info)
+            print(f"{name}: manifest.py through makemanifest.py: {fz['modules']} frozen modules, "
+                  f"{fz['bytes']} bytes of .mpy ({fz['ours_bytes']} ours) in "
+                  f"build/frozen/{name}; OTA app slot {slot} bytes")
     return worst
+
+
+def ota_slot_bytes(info: dict) -> int:
+    """The size of the ota_0 app slot in the board's partition table (0 without one)."""
+    path = os.path.join(BOARDS, "partitions", info.get("partitions") or "")
+    try:
+        with open(path) as f:
+            for line in f:
+                cells = [c.strip() for c in line.split("#", 1)[0].split(",")]
+                if len(cells) >= 5 and cells[0] == "ota_0":
+                    return int(cells[4], 0)
+    except OSError:
+        pass
+    return 0

@@ -215,3 +215,79 @@ def main(argv: list[str] | None = None) -> int:
     for name, exe in built.items():
         print(f"{name}: {exe}" if args.path else f"images: {name} ready")
     return 0
+
+
+# -- ESP32 boards: their freeze manifests through MicroPython's own tooling ---------------------
+ESP32_STOCK = "boards/manifest.py"  # under ports/esp32: what a stock image freezes
+
+
+def _manifest_targets(src: str, manifest: str, skip: str | None = None) -> set[str]:
+    """The device paths a manifest freezes (manifestfile, MicroPython's own parser); with
+    `skip`, without what including that manifest brings (the board's own additions)."""
+    sys.path.insert(0, os.path.join(src, "tools"))
+    try:
+        import manifestfile as mf
+    finally:
+        sys.path.pop(0)
+    path_vars = {"MPY_DIR": src, "PORT_DIR": os.path.join(src, "ports", "esp32"),
+                 "MPY_LIB_DIR": os.path.join(src, "lib", "micropython-lib"),
+                 "BOARD_DIR": os.path.dirname(manifest)}
+
+    class Own(mf.ManifestFile):
+        def include(self, manifest_path, is_require=False, **kwargs):
+            if (skip and not is_require and isinstance(manifest_path, str)
+                    and self._resolve_path(manifest_path) == skip):
+                return None
+            return super().include(manifest_path, is_require=is_require, **kwargs)
+
+    m = Own(mf.MODE_FREEZE, path_vars)
+    cwd = os.getcwd()
+    try:
+        m.execute(manifest)
+    except mf.ManifestFileError as e:
+        raise ImageError(f"{os.path.relpath(manifest, ROOT)}: {e}") from None
+    finally:
+        os.chdir(cwd)
+    return {f.target_path for f in m.files()}
+
+
+def freeze_board(board: str, arch: str, manifest: str | None = None,
+                 out: str | None = None) -> dict:
+    """Run a board's manifest through MicroPython's tools/makemanifest.py with the ESP32 port's
+    folder and mpy-cross for the board's architecture. Fails (ImageError) on a manifest that
+    names a missing file or freezes again a module the stock image already freezes. Returns
+    the frozen .mpy sizes: all of them and ours (iotjobs/, app, platform)."""
+    src, _ = source()
+    mpy_cross(src)
+    manifest = manifest or os.path.join(ROOT, "boards", board, "manifest.py")
+    stock = os.path.join(src, "ports", "esp32", ESP32_STOCK)
+    again = _manifest_targets(src, manifest, skip=stock) & _manifest_targets(src, stock)
+    if again:
+        raise ImageError(f"{os.path.relpath(manifest, ROOT)} freezes again what the stock "
+                         f"image already freezes: {', '.join(sorted(again))}")
+    out = out or os.path.join(BUILD, "frozen", board)  # not under build/<board>/: deployed
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    r = subprocess.run([sys.executable, os.path.join(src, "tools", "makemanifest.py"),
+                        "-o", os.path.join(out, "frozen_content.c"),
+                        "-v", f"MPY_DIR={src}", "-v", f"PORT_DIR={os.path.join(src, 'ports', 'esp32')}",
+                        "-v", f"MPY_LIB_DIR={os.path.join(src, 'lib', 'micropython-lib')}",
+                        "-b", out, f"-f-march={arch}", manifest],
+                       capture_output=True, text=True)
+    # Without ESP-IDF the tool stops where it needs the port's generated qstr header, after
+    # every module is compiled: that stop is expected, anything else is the manifest's fault.
+    if r.returncode != 0 and "qstrdefs.preprocessed.h" not in r.stderr + r.stdout:
+        raise ImageError(f"makemanifest.py failed on {os.path.relpath(manifest, ROOT)}:\n"
+                         + (r.stderr or r.stdout)[-2000:])
+    frozen = os.path.join(out, "frozen_mpy")
+    sizes = {}
+    for dirpath, _, files in os.walk(frozen):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            sizes[os.path.relpath(p, frozen)] = os.path.getsize(p)
+    ours = {k: v for k, v in sizes.items()
+            if k.startswith("iotjobs/") or k in ("app.mpy", "platform.mpy")}
+    if not ours:
+        raise ImageError(f"{os.path.relpath(manifest, ROOT)}: nothing of ours was frozen")
+    return {"modules": len(sizes), "bytes": sum(sizes.values()), "ours_bytes": sum(ours.values()),
+            "ours_modules": len(ours)}
