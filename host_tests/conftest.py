@@ -148,8 +148,11 @@ def wait_execution(iot, job_id: str, thing: str, statuses, timeout: float = 30.0
 
 
 # -- MicroPython-side unit tests -------------------------------------------------------------------
-def run_micropython(module: str, *args: str, heap: str | None = None, timeout: float = 60.0):
+def run_micropython(module: str, *args: str, heap: str | None = None, timeout: float = 60.0,
+                    scratch: str | None = None):
     env = dict(os.environ)
+    if scratch:
+        env["IOTJOBS_TEST_TMP"] = scratch  # the test's scratch folder (removed after it)
     env["MICROPYPATH"] = ":".join([".frozen", DEVICE_TESTS, os.path.join(ROOT, "lib"),
                                    os.path.join(ROOT, "firmware"), os.path.join(ROOT, "build")])
     argv = [MICROPYTHON]
@@ -178,7 +181,14 @@ class MicroPythonModule(pytest.File):
 
 class MicroPythonItem(pytest.Item):
     def runtest(self):
-        r = run_micropython(self.parent.path.stem, self.name)
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="iotjobs-mp-")
+        try:
+            r = run_micropython(self.parent.path.stem, self.name, scratch=scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         results = [json.loads(ln[len("RESULT "):]) for ln in r.stdout.splitlines()
                    if ln.startswith("RESULT ")]
         if r.returncode != 0 or not results or not results[0]["ok"]:

@@ -3,7 +3,6 @@ the broker, and publishes from another client arriving on a >122-byte topic."""
 import json
 import os
 import subprocess
-import tempfile
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -22,16 +21,16 @@ def compiled():
                    capture_output=True)
 
 
-def args_file(args: dict) -> str:
-    """The script's arguments as a file (long argv crashes the unix port)."""
-    fd, path = tempfile.mkstemp(suffix=".json", prefix="iotjobs-args-")
-    with os.fdopen(fd, "w") as f:
+def args_file(args: dict, folder) -> str:
+    """The script's arguments as a file in the test's folder (long argv crashes the unix port)."""
+    path = os.path.join(str(folder), "args-%d.json" % len(os.listdir(str(folder))))
+    with open(path, "w") as f:
         json.dump(args, f)
     return path
 
 
-def run_device_script(args: dict, heap: str = "64K", timeout: float = 30):
-    return subprocess.run([MICROPYTHON, "-X", f"heapsize={heap}", SCRIPT, args_file(args)],
+def run_device_script(args: dict, folder, heap: str = "64K", timeout: float = 30):
+    return subprocess.run([MICROPYTHON, "-X", f"heapsize={heap}", SCRIPT, args_file(args, folder)],
                           capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, MICROPYPATH=DEVICE_PATH))
 
@@ -42,16 +41,16 @@ def topic_of(n: int) -> str:
 
 
 @pytest.mark.parametrize("length", [122, 123, 200, 226])
-def test_long_topic_subscribe_and_receive(mosquitto, length):
+def test_long_topic_subscribe_and_receive(mosquitto, length, tmp_path):
     topic = topic_of(length)
     assert len(topic) == length
-    r = run_device_script({"port": mosquitto.port, "topic": topic, "expect": 1})
+    r = run_device_script({"port": mosquitto.port, "topic": topic, "expect": 1}, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"SUBSCRIBED {length}" in r.stdout
     assert f"GOT {length} from-device" in r.stdout
 
 
-def test_message_from_another_client_on_200_byte_topic(mosquitto):
+def test_message_from_another_client_on_200_byte_topic(mosquitto, tmp_path):
     """paho publishes to the 200-byte topic once the device has subscribed."""
     topic = topic_of(200)
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-pub")
@@ -59,7 +58,7 @@ def test_message_from_another_client_on_200_byte_topic(mosquitto):
     pub.loop_start()
     proc = subprocess.Popen(
         [MICROPYTHON, "-X", "heapsize=64K", SCRIPT,
-         args_file({"port": mosquitto.port, "topic": topic, "expect": 2})],
+         args_file({"port": mosquitto.port, "topic": topic, "expect": 2}, tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, MICROPYPATH=DEVICE_PATH))
     try:
@@ -81,7 +80,7 @@ def test_mutual_tls_verifies_the_broker(tmp_path, pki, procs):
     procs.append(mosquitto)
     folder = pki.thing("tlsdev")
     ok = run_device_script({"port": mosquitto.tls_port, "topic": topic_of(200), "expect": 1,
-                            "tls": folder, "hostname": "localhost"})
+                            "tls": folder, "hostname": "localhost"}, tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "GOT 200 from-device" in ok.stdout
     # A CA that did not sign the broker's certificate: the handshake must fail.
@@ -89,11 +88,12 @@ def test_mutual_tls_verifies_the_broker(tmp_path, pki, procs):
 
     other = PKI(os.path.join(pki.folder, "other-ca"))
     bad = run_device_script({"port": mosquitto.tls_port, "topic": topic_of(200), "expect": 1,
-                             "tls": folder, "ca": other.ca_der, "hostname": "localhost"})
+                             "tls": folder, "ca": other.ca_der, "hostname": "localhost"},
+                            tmp_path)
     assert bad.returncode == 1 and "CONNECT-FAILED" in bad.stdout, bad.stdout + bad.stderr
     # The right CA but the wrong host name: also refused.
     wrong = run_device_script({"port": mosquitto.tls_port, "topic": topic_of(200), "expect": 1,
-                               "tls": folder, "hostname": "not-the-broker"})
+                               "tls": folder, "hostname": "not-the-broker"}, tmp_path)
     assert wrong.returncode == 1 and "CONNECT-FAILED" in wrong.stdout, wrong.stdout + wrong.stderr
 
 

@@ -27,7 +27,8 @@ class Posix:
     label = "posix"
 
     def __init__(self):
-        self.dir = "/tmp/journal-test-" + hexlify(os.urandom(6)).decode()
+        self.dir = (os.getenv("IOTJOBS_TEST_TMP") or "/tmp") + "/journal-test-" + hexlify(
+            os.urandom(6)).decode()
         os.mkdir(self.dir)
 
     def close(self):

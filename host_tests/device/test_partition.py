@@ -14,7 +14,8 @@ SLOT = 16 * 4096
 
 def fresh(running="ota_0", otadata=None):
     """A new OTA folder with two 64 KB slots, attached as if devsim had booted `running`."""
-    d = "/tmp/esp32sim-" + "".join("%02x" % b for b in os.urandom(6))
+    d = (os.getenv("IOTJOBS_TEST_TMP") or "/tmp") + "/esp32sim-" + "".join(
+        "%02x" % b for b in os.urandom(6))
     os.mkdir(d)
     table = [{"label": "ota_%d" % i, "type": 0, "subtype": 0x10 + i,
               "addr": 0x10000 + i * SLOT, "size": SLOT} for i in range(2)]

@@ -68,7 +68,8 @@ def board_from(text, log=None):
     """load_board() of a board.json holding `text` (written to a scratch file, then removed)."""
     import os
 
-    path = "/tmp/board-%s.json" % "".join("%02x" % b for b in os.urandom(6))
+    path = (os.getenv("IOTJOBS_TEST_TMP") or "/tmp") + "/board-%s.json" % "".join(
+        "%02x" % b for b in os.urandom(6))
     with open(path, "w") as f:
         f.write(text)
     try:

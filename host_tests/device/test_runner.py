@@ -14,7 +14,7 @@ _N = [0]
 
 def _runner(handlers):
     _N[0] += 1
-    path = "/tmp/iotjobs-test-runner-%d-%d.json" % (os.getpid() if hasattr(os, "getpid") else 0, _N[0])
+    path = (os.getenv("IOTJOBS_TEST_TMP") or "/tmp") + "/iotjobs-test-runner-%d.json" % _N[0]
     try:
         os.remove(path)
     except OSError:
