@@ -19,6 +19,9 @@ from iotjobs_host.pki import PKI  # noqa: E402
 
 MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
 DEVICE_TESTS = os.path.join(HERE, "device")
+# The images the MicroPython unit tests run on: the 64-bit pip port and the 32-bit stock image
+# (tools/images; make setup builds it).
+DEVICE_TEST_IMAGES = ("pip", "stock32")
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -149,13 +152,15 @@ def wait_execution(iot, job_id: str, thing: str, statuses, timeout: float = 30.0
 
 # -- MicroPython-side unit tests -------------------------------------------------------------------
 def run_micropython(module: str, *args: str, heap: str | None = None, timeout: float = 60.0,
-                    scratch: str | None = None):
+                    scratch: str | None = None, image: str = "pip"):
     env = dict(os.environ)
     if scratch:
         env["IOTJOBS_TEST_TMP"] = scratch  # the test's scratch folder (removed after it)
     env["MICROPYPATH"] = ":".join([".frozen", DEVICE_TESTS, os.path.join(ROOT, "lib"),
                                    os.path.join(ROOT, "firmware"), os.path.join(ROOT, "build")])
-    argv = [MICROPYTHON]
+    from iotjobs_host import images
+
+    argv = [images.interpreter(image)]
     if heap:
         argv += ["-X", f"heapsize={heap}"]
     argv += [os.path.join(DEVICE_TESTS, "_runner.py"), module, *args]
@@ -176,7 +181,10 @@ class MicroPythonModule(pytest.File):
             raise MicroPythonFailure(f"{self.path.name} does not import under MicroPython:\n"
                                      f"{r.stdout}{r.stderr}")
         for name in names:
-            yield MicroPythonItem.from_parent(self, name=name)
+            for image in DEVICE_TEST_IMAGES:
+                item = MicroPythonItem.from_parent(self, name=f"{name}[{image}]")
+                item.function, item.image = name, image
+                yield item
 
 
 class MicroPythonItem(pytest.Item):
@@ -186,7 +194,10 @@ class MicroPythonItem(pytest.Item):
 
         scratch = tempfile.mkdtemp(prefix="iotjobs-mp-")
         try:
-            r = run_micropython(self.parent.path.stem, self.name, scratch=scratch)
+            # 2 MB: the pip port's default heap, on every image (the 32-bit build's default is
+            # 1 MB; the power-cut tests keep flash snapshots of 128 KB)
+            r = run_micropython(self.parent.path.stem, self.function, scratch=scratch,
+                                image=self.image, heap="2M")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         results = [json.loads(ln[len("RESULT "):]) for ln in r.stdout.splitlines()
