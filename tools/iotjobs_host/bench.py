@@ -29,7 +29,8 @@ import statistics
 import sys
 import time
 
-from . import BUILD, VENV_BIN
+from . import BUILD
+from . import images
 from . import stack
 from .build import build, size_report
 from .pki import PKI
@@ -377,21 +378,22 @@ CORE = ("iotjobs/topics.mpy", "iotjobs/codec.mpy", "iotjobs/transport.mpy", "iot
         "iotjobs/journal.mpy", "iotjobs/runner.mpy")
 
 
-def code_heap_bytes() -> int:
-    """Heap taken by importing the device code (.mpy) on the unix port, after gc.collect()."""
+def code_heap_bytes(image: str = "pip") -> int:
+    """Heap taken by importing the device code on an image, after gc.collect() (.mpy files on
+    pip and stock32; almost nothing on fleet32, where the code is frozen)."""
     import subprocess
 
     probe = ("import gc\ngc.collect()\nb = gc.mem_alloc()\n"
              "import ssl, umqtt.simple, iotjobs.transport, iotjobs.client, iotjobs.journal\n"
              "import iotjobs.runner, app\ngc.collect()\nprint(gc.mem_alloc() - b)\n")
-    out = subprocess.run([os.path.join(VENV_BIN, "micropython"), "-X", "heapsize=256K", "-c", probe],
+    out = subprocess.run([images.interpreter(image), "-X", "heapsize=256K", "-c", probe],
                          capture_output=True, text=True, env=dict(os.environ, MICROPYPATH=".frozen:"
                          + os.path.join(BUILD, "mpy", "host")), check=True)
     return int(out.stdout.split()[-1])
 
 
-def ecdsa_ms() -> float:
-    """Median time of one ECDSA P-256 verification in MicroPython (unix port, this host)."""
+def ecdsa_ms(image: str = "pip") -> float:
+    """Median time of one ECDSA P-256 verification in MicroPython (an image, this host)."""
     import subprocess
 
     from cryptography.hazmat.primitives import hashes, serialization
@@ -409,39 +411,40 @@ def ecdsa_ms() -> float:
                 "ts = []\nfor i in range(15):\n    t = time.ticks_us()\n"
                 "    assert ecdsa.verify(pub, sig, b'benchmark')\n"
                 "    ts.append(time.ticks_diff(time.ticks_us(), t))\nts.sort()\nprint(ts[7])\n")
-    out = subprocess.run([os.path.join(VENV_BIN, "micropython"), "-X", "heapsize=32K", probe],
+    out = subprocess.run([images.interpreter(image), "-X", "heapsize=32K", probe],
                          capture_output=True, text=True, check=True,
                          env=dict(os.environ, MICROPYPATH=".frozen:" + os.path.join(BUILD, "mpy", "host")))
     return int(out.stdout.split()[-1]) / 1000
 
 
-def device_figures(work: str) -> dict:
+def device_figures(work: str, image: str = "pip") -> dict:
     build("host")
     build("xtensawin")
-    b = Bench(work)
+    b = Bench(work, image)
     try:
-        heap = b.heap_min_kb(True)
-        heap_plain = b.heap_min_kb(False)
-        heap_ping_steps = b.ping_steps_heap_min_kb()
+        heap = b.heap_min_kb(True, lo=8)
+        heap_plain = b.heap_min_kb(False, lo=8)
+        heap_ping_steps = b.ping_steps_heap_min_kb(lo=8)
         boots, lat = b.timings()
         tp = b.throughput()
         floor = b.floor()
-        ota_s = b.ota(160)
-        ota_heap = b.ota_heap_min_kb()
-        app = b.app_update()
+        ota_s = b.ota(192)
+        ota_heap = b.ota_heap_min_kb(lo=8, hi=224)
+        app = b.app_update(heap_kb=224)
         cmd = b.command_latency()
         if app:
-            app["heap_min_kb"] = b.app_heap_min_kb()
+            app["heap_min_kb"] = b.app_heap_min_kb(lo=8, hi=224)
     finally:
         b.stop()
     sizes = dict(size_report("host"))
     rate = tp["jobs"] / tp["seconds"]
     return {
+        "image": image,
         "heap_min_kb": heap,
         "heap_min_kb_plain": heap_plain,
         "heap_min_kb_ping_then_steps": heap_ping_steps,
         "devsim_default_heap": stack.DEFAULT_HEAP,
-        "code_heap_bytes": code_heap_bytes(),
+        "code_heap_bytes": code_heap_bytes(image),
         "boot_to_ready_ms": round(statistics.median(boots) * 1000, 1),
         "job_ms_median": round(statistics.median(lat) * 1000, 1),
         "job_ms_max": round(max(lat) * 1000, 1),
@@ -452,7 +455,7 @@ def device_figures(work: str) -> dict:
         "ota_1mib_s": round(ota_s, 3) if ota_s else None,
         "ota_kib_per_s": round(1024 / ota_s) if ota_s else None,
         "ota_heap_min_kb": ota_heap,
-        "ecdsa_verify_ms": ecdsa_ms(),
+        "ecdsa_verify_ms": ecdsa_ms(image),
         "app_update": app,
         "command_ping": cmd,
         "journal_writes_per_job": round(tp["writes"] / tp["jobs"], 2),
@@ -461,6 +464,21 @@ def device_figures(work: str) -> dict:
         "code_bytes": sum(sizes.values()),
         "code_bytes_by_file": sizes,
     }
+
+
+def _side_by_side(figures: dict) -> None:
+    """The heap figures of every image in one table (README's "Device images")."""
+    rows = [("no-op job, TLS / plain (KB)", lambda d: f"{d['heap_min_kb']} / {d['heap_min_kb_plain']}"),
+            ("ping then a steps job, TLS (KB)", lambda d: str(d["heap_min_kb_ping_then_steps"])),
+            ("1 MiB signed OTA (KB)", lambda d: str(d["ota_heap_min_kb"])),
+            ("app-update, 17 files (KB)", lambda d: str((d["app_update"] or {}).get("heap_min_kb"))),
+            ("code in the heap (bytes)", lambda d: str(d["code_heap_bytes"])),
+            ("no-op jobs per second", lambda d: str(d["jobs_per_s"]))]
+    names = list(figures)
+    print("| smallest heap / figure | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label, get in rows:
+        print(f"| {label} | " + " | ".join(get(figures[n]) for n in names) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["device", "jobsd", "heap"])
     ap.add_argument("--image", choices=["pip", "stock32", "fleet32"], default="pip",
                     help="with --only heap: the device image (tools/images)")
+    ap.add_argument("--images", nargs="+", choices=["pip", "stock32", "fleet32"],
+                    help="the device figures on these images (default: all three, side by side)")
     args = ap.parse_args(argv)
     if args.only == "heap":  # just the figures that pick devsim's default heap
         work = os.path.join(BUILD, "bench-heap")
@@ -493,31 +513,36 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "host": f"{os.uname().machine}, {os.cpu_count()} cpus"}
     if args.only in (None, "device"):
-        d = result["device"] = device_figures(os.path.join(work, "device"))
-        print(f"device: smallest heap for a job, TLS / plain    : {d['heap_min_kb']} KB / "
-              f"{d['heap_min_kb_plain']} KB (imported code alone: {d['code_heap_bytes']} bytes)")
-        print(f"device: smallest heap, ping then a steps job    : {d['heap_min_kb_ping_then_steps']} KB "
-              f"(devsim's default: {d['devsim_default_heap']})")
-        print(f"device: no-op jobs per second, one device       : {d['jobs_per_s']} "
-              f"(service-only floor {d['floor_jobs_per_s']}, {d['jobs_per_s_vs_floor']}x)")
-        print(f"device: journal per job                         : {d['journal_writes_per_job']} writes, "
-              f"{d['journal_bytes_per_job']} bytes")
-        print(f"device: core .mpy (lib/iotjobs)                 : {d['core_bytes']} bytes")
-        print(f"device: 1 MiB signed firmware OTA on loopback    : {d['ota_1mib_s']} s "
-              f"({d['ota_kib_per_s']} KiB/s, download+hash+ECDSA+set_boot); smallest heap "
-              f"{d['ota_heap_min_kb']} KB; ECDSA verify {d['ecdsa_verify_ms']} ms")
-        a = d["app_update"] or {}
-        print(f"device: app-update, {a.get('files')} files / {a.get('bytes')} bytes  : staged, "
-              f"verified and switched in {a.get('staged_s')} s; confirmed after the reset at "
-              f"{a.get('confirmed_s')} s; smallest heap {a.get('heap_min_kb')} KB")
-        c = d["command_ping"]
-        print(f"device: ping command, request -> report accepted : median {c['device_ms_median']} ms; "
-              f"from StartCommandExecution median {c['end_to_end_ms_median']} ms, "
-              f"max {c['end_to_end_ms_max']} ms")
-        print(f"device: boot to first start-next (median)       : {d['boot_to_ready_ms']} ms")
-        print(f"device: notify-next to SUCCEEDED accepted       : median {d['job_ms_median']} ms, "
-              f"max {d['job_ms_max']} ms over {d['jobs_timed']} jobs")
-        print(f"device: code (.mpy, incl. umqtt)                : {d['code_bytes']} bytes")
+        result["device"] = {}
+        for image in args.images or ["pip", "stock32", "fleet32"]:
+            d = result["device"][image] = device_figures(os.path.join(work, "device-" + image),
+                                                         image)
+            print(f"== image {image}")
+            print(f"device: smallest heap for a job, TLS / plain    : {d['heap_min_kb']} KB / "
+                  f"{d['heap_min_kb_plain']} KB (imported code alone: {d['code_heap_bytes']} bytes)")
+            print(f"device: smallest heap, ping then a steps job    : {d['heap_min_kb_ping_then_steps']} KB "
+                  f"(devsim's default: {d['devsim_default_heap']})")
+            print(f"device: no-op jobs per second, one device       : {d['jobs_per_s']} "
+                  f"(service-only floor {d['floor_jobs_per_s']}, {d['jobs_per_s_vs_floor']}x)")
+            print(f"device: journal per job                         : {d['journal_writes_per_job']} writes, "
+                  f"{d['journal_bytes_per_job']} bytes")
+            print(f"device: core .mpy (lib/iotjobs)                 : {d['core_bytes']} bytes")
+            print(f"device: 1 MiB signed firmware OTA on loopback    : {d['ota_1mib_s']} s "
+                  f"({d['ota_kib_per_s']} KiB/s, download+hash+ECDSA+set_boot); smallest heap "
+                  f"{d['ota_heap_min_kb']} KB; ECDSA verify {d['ecdsa_verify_ms']} ms")
+            a = d["app_update"] or {}
+            print(f"device: app-update, {a.get('files')} files / {a.get('bytes')} bytes  : staged, "
+                  f"verified and switched in {a.get('staged_s')} s; confirmed after the reset at "
+                  f"{a.get('confirmed_s')} s; smallest heap {a.get('heap_min_kb')} KB")
+            c = d["command_ping"]
+            print(f"device: ping command, request -> report accepted : median {c['device_ms_median']} ms; "
+                  f"from StartCommandExecution median {c['end_to_end_ms_median']} ms, "
+                  f"max {c['end_to_end_ms_max']} ms")
+            print(f"device: boot to first start-next (median)       : {d['boot_to_ready_ms']} ms")
+            print(f"device: notify-next to SUCCEEDED accepted       : median {d['job_ms_median']} ms, "
+                  f"max {d['job_ms_max']} ms over {d['jobs_timed']} jobs")
+            print(f"device: code (.mpy, incl. umqtt)                : {d['code_bytes']} bytes")
+        _side_by_side(result["device"])
     if args.only in (None, "jobsd"):
         pki = PKI(os.path.join(work, "pki"))
         j = result["jobsd"] = bench_jobsd.run(os.path.join(work, "jobsd"), pki)
