@@ -157,3 +157,19 @@ def test_a_manifest_freezing_again_what_the_stock_image_freezes_fails(tmp_path):
     # the same manifest without the repeat passes: the check is about the repeat
     ok = _manifest(tmp_path, good)
     assert images.freeze_board("ESP32_GENERIC", "xtensawin", ok, str(tmp_path / "out2"))["ours_modules"]
+
+
+def test_esp32_boards_carry_their_memory_facts_with_a_source():
+    for name in ("ESP32_GENERIC", "ESP32_GENERIC_S3", "ESP32_GENERIC_C3"):
+        mem = B.board_info(name)["memory"]
+        assert 32 <= mem["gc_heap_boot_kb"] < mem["gc_heap_grown_kb"] <= 256, (name, mem)
+        assert mem["tls_session_held_kb"] < mem["tls_handshake_peak_kb"], (name, mem)
+        assert mem["idf_reserve_kb"] is None or 0 < mem["idf_reserve_kb"] < 200, (name, mem)
+        assert "ESP32-MEMORY.md" in mem["source"], name
+
+
+def test_the_memory_facts_stay_on_the_host():
+    out = B.build_board("ESP32_GENERIC")
+    with open(os.path.join(out, "board.json")) as f:
+        deployed = json.load(f)
+    assert "memory" not in deployed and deployed["wdt_ms"] == B.board_info("ESP32_GENERIC")["wdt_ms"]

@@ -110,6 +110,14 @@ def _compile(files: list[tuple[str, str]], flags: list[str], out_root: str, labe
         if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
             continue
         os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if rel == "board.json":
+            # the board reads it at every boot: the host-side memory facts stay on the host
+            with open(src) as f:
+                info = json.load(f)
+            info.pop("memory", None)
+            with open(dst, "w") as f:
+                json.dump(info, f, separators=(",", ":"))
+            continue
         if not dst.endswith(".mpy"):
             shutil.copyfile(src, dst)
             continue
