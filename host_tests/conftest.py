@@ -22,6 +22,8 @@ DEVICE_TESTS = os.path.join(HERE, "device")
 # The images the MicroPython unit tests run on: the 64-bit pip port and the 32-bit stock image
 # (tools/images; make setup builds it).
 DEVICE_TEST_IMAGES = ("pip", "stock32")
+# The image system tests' devices run on unless a test says otherwise (IOTJOBS_IMAGE overrides).
+DEVICE_IMAGE = os.environ.get("IOTJOBS_IMAGE", "pip")
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def device(tmp_path, mosquitto, pki, procs):
 
     def start(thing: str, tls: bool = True, heap: str = stack.DEFAULT_HEAP, extra=None, config=None,
               keepalive: int = 60, broker: str | None = None,
-              image: str = "pip") -> stack.Device:
+              image: str | None = None) -> stack.Device:
         d = stack.Device(
             str(tmp_path / ("device-" + thing)),
             thing,
@@ -118,7 +120,7 @@ def device(tmp_path, mosquitto, pki, procs):
             extra=extra,
             config=config,
             keepalive=keepalive,
-            image=image,
+            image=image or DEVICE_IMAGE,
         )
         procs.append(d)
         return d
