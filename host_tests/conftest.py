@@ -22,8 +22,27 @@ DEVICE_TESTS = os.path.join(HERE, "device")
 # The images the MicroPython unit tests run on: the 64-bit pip port and the 32-bit stock image
 # (tools/images; make setup builds it).
 DEVICE_TEST_IMAGES = ("pip", "stock32")
-# The image system tests' devices run on unless a test says otherwise (IOTJOBS_IMAGE overrides).
-DEVICE_IMAGE = os.environ.get("IOTJOBS_IMAGE", "pip")
+# The image system tests' devices run on: the fleet image, unless a test says otherwise or is
+# marked `images(...)` (IOTJOBS_IMAGE overrides the default).
+DEVICE_IMAGE = os.environ.get("IOTJOBS_IMAGE", "fleet32")
+ALL_IMAGES = ("fleet32", "stock32", "pip")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "images(*names): run the test once on each of these "
+                            "device images (the `device` fixture's default image)")
+
+
+def pytest_generate_tests(metafunc):
+    m = metafunc.definition.get_closest_marker("images")
+    if m is not None and "device_image" in metafunc.fixturenames:
+        metafunc.parametrize("device_image", m.args or ALL_IMAGES, indirect=True)
+
+
+@pytest.fixture
+def device_image(request):
+    """The image the `device` fixture's devices run on (parametrized by the images marker)."""
+    return getattr(request, "param", DEVICE_IMAGE)
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -105,7 +124,7 @@ def iot(jobsd):
 
 
 @pytest.fixture
-def device(tmp_path, mosquitto, pki, procs):
+def device(tmp_path, mosquitto, pki, procs, device_image):
     """Factory: device(thing, tls=True, heap=DEFAULT_HEAP) starts a tools/devsim process."""
 
     def start(thing: str, tls: bool = True, heap: str = stack.DEFAULT_HEAP, extra=None, config=None,
@@ -120,7 +139,7 @@ def device(tmp_path, mosquitto, pki, procs):
             extra=extra,
             config=config,
             keepalive=keepalive,
-            image=image or DEVICE_IMAGE,
+            image=image or device_image,
         )
         procs.append(d)
         return d

@@ -112,6 +112,7 @@ def tree(folder):
     return out
 
 
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_install_then_update(jobsd, iot, app_device, publish):
     v1 = publish("1.0", app_files("1.0"))
     v11 = publish("1.1", app_files("1.1", big=150_000))
@@ -133,6 +134,7 @@ def test_install_then_update(jobsd, iot, app_device, publish):
     assert len(dev.boots()) == 3, "one reset per update"
 
 
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_version_that_fails_at_import_is_rolled_back(jobsd, iot, app_device, publish):
     v1 = publish("1.0", app_files("1.0"))
     v2 = publish("2.0", app_files("2.0", broken=True))

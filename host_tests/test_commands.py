@@ -52,6 +52,7 @@ def online(iot, device):
     return make
 
 
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_ping(jobsd, iot, online):
     dev = online("cmd-ping")
     arn = command(iot, "ping", {"command": "ping"})
@@ -112,6 +113,7 @@ def test_rejected_commands(jobsd, iot, online, payload, content_type, reason):
     assert outcome(iot, "cmd-rej", start(jobsd, "cmd-rej", ping), dev)["status"] == "SUCCEEDED"
 
 
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_reboot_command(jobsd, iot, online):
     dev = online("cmd-boot")
     arn = command(iot, "reboot", {"command": "reboot"})
@@ -147,6 +149,7 @@ def test_times_out_while_the_device_is_off(jobsd, iot):
     ("command-finished", "SUCCEEDED"),
     ("command-answered", "SUCCEEDED"),
 ])
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_killed_mid_command_never_runs_it_twice(jobsd, iot, device, point, status):
     """The device is killed at a point of a command's life and boots again: the execution ends
     once, the handler's side effect happened at most once, and the device takes the next one."""

@@ -3,6 +3,8 @@
 jobsd, and ends as its handler decides."""
 import json
 
+import pytest
+
 from conftest import stack, thing_arn, wait_execution
 
 HEAP = stack.DEFAULT_HEAP
@@ -21,6 +23,7 @@ def boot(iot, device, spy, thing):
     return dev, watch
 
 
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_job_runs_to_succeeded_over_mutual_tls(jobsd, iot, device, spy):
     thing = "dev-ok"
     dev, watch = boot(iot, device, spy, thing)
@@ -85,6 +88,7 @@ def test_unknown_operation_is_rejected_with_reason(jobsd, iot, device, spy):
     assert fine["status"] == "SUCCEEDED"
 
 
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_jobs_queued_before_boot_run_in_creation_order(jobsd, iot, device, spy):
     thing = "dev-late"
     iot.create_thing(thingName=thing)

@@ -212,7 +212,7 @@ def test_command_with_an_effect_at_every_call(iot, jobsd, swept):
 
 
 # -- a real device near its smallest heap ----------------------------------------------------------
-# The smallest -X heapsize at which a fresh devsim device (pip port, TLS) runs a `ping` command
+# The smallest -X heapsize at which a fresh devsim device (pip image, TLS) runs a `ping` command
 # and then a steps job with an effect, measured by `tools/bench --only heap` (README). The test
 # runs a little above it, where memory faults are frequent and real.
 NEAR_MIN_HEAP = os.environ.get("IOTJOBS_NEAR_MIN_HEAP", "104K")  # measured minimum: 102 KB
@@ -222,7 +222,7 @@ ROUNDS = 50
 def test_near_the_smallest_heap_ping_and_steps_job_fifty_times(jobsd, iot, device):
     thing = "oom-near"
     iot.create_thing(thingName=thing)
-    dev = device(thing, heap=NEAR_MIN_HEAP, config={"test_handlers": True})
+    dev = device(thing, heap=NEAR_MIN_HEAP, config={"test_handlers": True}, image="pip")
     stack.wait_until(lambda: "heap free=" in dev.log_text(10**6), 30, "the device online")
     iot.create_command(commandId="ping", payload={
         "content": json.dumps({"command": "ping"}).encode(), "contentType": "application/json"})

@@ -65,6 +65,7 @@ def result(iot, dev, thing, i, timeout=60):
     return ex["status"], ex.get("statusDetails", {}).get("detailsMap", {})
 
 
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_ota_happy_path_native_then_afr_ota(jobsd, iot, files, ota_device):
     img2 = make_image("2.0.0", size=256 * 1024)
     img3 = make_image("3.0.0", size=200 * 1024 + 123)
@@ -106,6 +107,7 @@ def test_ota_failures_keep_the_running_firmware(jobsd, iot, files, ota_device, n
     assert not od or od.get("boot") in (None, "ota_0"), od  # still the factory slot
 
 
+@pytest.mark.images()  # fleet32, stock32 and pip
 def test_image_failing_its_self_test_is_rolled_back(jobsd, iot, files, ota_device):
     img = make_image("2.0.0", size=64 * 1024, selftest="fail")
     publish(files, "bad.bin", img)

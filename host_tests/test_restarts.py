@@ -13,6 +13,9 @@ import pytest
 
 from conftest import stack, thing_arn, wait_execution
 
+# every test here runs on each device image: fleet32, stock32 and pip
+pytestmark = pytest.mark.images()
+
 TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "REMOVED"}
 POINTS = [
     "before-start-next",      # at boot, before asking for work

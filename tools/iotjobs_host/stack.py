@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from . import TOOLS
 from .pki import PKI
-from .devsim import DEFAULT_HEAP
+from .devsim import DEFAULT_HEAP, DEFAULT_IMAGE
 
 
 def free_port() -> int:
@@ -247,7 +247,7 @@ class Device:
     def __init__(self, workdir: str, thing: str, broker: str, tls_dir: Optional[str] = None,
                  heap: str = DEFAULT_HEAP, extra: Optional[list[str]] = None,
                  config: Optional[dict] = None, keepalive: int = 60,
-                 image: str = "pip") -> None:
+                 image: str = DEFAULT_IMAGE) -> None:
         os.makedirs(workdir, exist_ok=True)
         self.thing = thing
         self.image = image
