@@ -119,7 +119,7 @@ def aws_root(tmp_path_factory):
 
 def aws_device(folder, root, kind: str = "rsa", **cert_kw):
     """What the AWS IoT console hands out: xxx-certificate.pem.crt and xxx-private.pem.key (an
-    RSA key in the traditional 'BEGIN RSA PRIVATE KEY' form), signed by AWS's issuer."""
+    RSA key in the traditional PKCS#1 PEM form), signed by AWS's issuer."""
     root_cert, root_key, _ = root
     if kind == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
