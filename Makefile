@@ -2,7 +2,7 @@
 .PHONY: setup build size test demo bench lint clean deploy repl flash
 
 PY := .venv/bin/python
-LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash boards/esp32
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/size tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash boards/esp32
 BOARD ?=
 
 setup:
@@ -13,6 +13,7 @@ build: setup
 
 size: setup
 	@tools/build --all-boards
+	@tools/size
 
 deploy: setup
 	@test -n "$(PORT)" || { echo "make deploy PORT=/dev/ttyUSB0 [BOARD=ESP32_GENERIC] [CONFIG=build/provision/THING]"; exit 2; }

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import ROOT, stack, thing_arn, wait_execution
-from fileserver import FlakyServer
+from iotjobs_host.fileserver import FlakyServer
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from iotjobs_host import sign as signtool  # noqa: E402

@@ -123,7 +123,7 @@ def test_download_resumes_after_a_power_cut(jobsd, iot, device, files):
 def test_download_over_https_checks_the_server_certificate(jobsd, iot, device, pki, tmp_path):
     """HTTPS with the configured CA: a server whose certificate that CA signed is trusted; one
     signed by another CA is refused (FAILED, nothing placed), and the device goes on."""
-    from fileserver import FlakyServer
+    from iotjobs_host.fileserver import FlakyServer
     from iotjobs_host.pki import PKI
 
     data = os.urandom(70_000)
@@ -165,7 +165,7 @@ def test_download_over_https_checks_the_server_certificate(jobsd, iot, device, p
 def test_download_retries_a_lost_link_and_server_errors(jobsd, iot, device, faults, status, reason):
     """A body cut short or a 5xx answer: retried with Range from what arrived (4 times); then
     FAILED with the reason."""
-    from fileserver import FlakyServer
+    from iotjobs_host.fileserver import FlakyServer
 
     data = os.urandom(200_000)
     sha = hashlib.sha256(data).hexdigest()

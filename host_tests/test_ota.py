@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import ROOT, stack, thing_arn, wait_execution
-from fileserver import FlakyServer
+from iotjobs_host.fileserver import FlakyServer
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from iotjobs_host.devsim import make_image, ota_dir, read_otadata  # noqa: E402

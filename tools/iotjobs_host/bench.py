@@ -6,6 +6,10 @@ on a number. Figures:
   boots over mutual TLS (or plain TCP) and completes a no-op job (PLATFORM.md: mem_peak() is not
   a usable peak measure); code_heap_bytes: how much of it the imported .mpy code itself takes
   (on a board the code is frozen into flash and costs no heap);
+- heap_min_kb_by_job: the same (2 KB steps) for each job type, TLS (MQTT over mutual TLS, files
+  over HTTPS: two sessions at once) and plain (MQTT over TCP, HTTP): a no-op job, a ping
+  command, a 256 KiB download-file, a 1 MiB signed OTA, a 17-file app-update; also kept in
+  build/heaps.json, where `make size` reads them;
 - jobs_per_s: one device running 200 queued no-op jobs back to back against jobsd (start-next,
   journal, handler, journal, update, journal per job), beside the same 200 executions driven by
   a paho client that does nothing else (the service-only floor), in the same run;
@@ -17,7 +21,8 @@ on a number. Figures:
 - code_bytes: compiled size of the device code (build/mpy/host);
 - jobsd: the service under load, see bench_jobsd.py.
 
-`tools/bench --only device|jobsd` runs one half."""
+`tools/bench --only device|jobsd` runs one half; `--only heaps [--images ...]` just the heaps
+per job type."""
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +37,7 @@ import time
 from . import BUILD
 from . import images
 from . import stack
-from .build import build, size_report
+from .build import build, size_report, sources
 from .pki import PKI
 
 ARN = "arn:aws:iot:us-east-1:123456789012:thing/"
@@ -48,8 +53,11 @@ class Bench:
         os.makedirs(self.files, exist_ok=True)
         self.jobsd = stack.Jobsd(os.path.join(work, "jobsd"), self.mosq.broker, files=self.files)
         self.n = 0
+        self.servers: list = []  # file servers (fileserver.FlakyServer) to stop with the bench
 
     def stop(self) -> None:
+        for srv in self.servers:
+            srv.stop()
         self.jobsd.stop()
         self.mosq.stop()
 
@@ -123,9 +131,22 @@ class Bench:
             dev.stop()
             spy.stop()
 
-    def ota(self, heap_kb: int, size: int = 1 << 20, timeout: float = 60) -> float | None:
+    def https(self, body: bytes):
+        """An HTTPS server on loopback serving `body` at every path, with a certificate from the
+        bench's CA (the one the devices trust); stopped with the bench."""
+        from .fileserver import FlakyServer
+
+        server = self.pki.server("localhost", name="https-files")
+        srv = FlakyServer(body, tls=(server["cert_pem"], server["key_pem"]))
+        self.servers.append(srv)
+        return srv
+
+    def ota(self, heap_kb: int, size: int = 1 << 20, timeout: float = 60,
+            tls: bool = True) -> float | None:
         """A signed firmware update of `size` bytes: seconds from the job's start-next to its
-        "rebooting" report (download, hash, signature, set_boot), or None if it failed."""
+        "rebooting" report (download, hash, signature, set_boot), or None if it failed. `tls`:
+        MQTT over TLS and the image over HTTPS (two TLS sessions at once, as on AWS); else plain
+        MQTT and the image over HTTP from jobsd's presigned URL."""
         import base64
         import hashlib
 
@@ -136,41 +157,77 @@ class Bench:
 
         key = ec.generate_private_key(ec.SECP256R1())
         img = make_image("2.0.0", size=size)
-        os.makedirs(os.path.join(self.files, "fw"), exist_ok=True)
-        with open(os.path.join(self.files, "fw", "bench.bin"), "wb") as f:
-            f.write(img)
         self.n += 1
         thing = f"ota-{self.n}"
+        if tls:
+            url, allow = self.https(img).url + "fw/bench.bin", "https://localhost:"
+        else:
+            os.makedirs(os.path.join(self.files, "fw"), exist_ok=True)
+            with open(os.path.join(self.files, "fw", "bench.bin"), "wb") as f:
+                f.write(img)
+            url = "${aws:iot:s3-presigned-url:https://s3.amazonaws.com/fw/bench.bin}"
+            allow = "http://127.0.0.1:"
         pub = os.path.join(self.work, f"{thing}-pub.der")
         with open(pub, "wb") as f:
             f.write(key.public_key().public_bytes(serialization.Encoding.DER,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
         self.jobsd.iot.create_thing(thingName=thing)
-        doc = {"operation": "ota", "url": "${aws:iot:s3-presigned-url:https://s3.amazonaws.com/fw/bench.bin}",
+        doc = {"operation": "ota", "url": url,
                "size": len(img), "sha256": hashlib.sha256(img).hexdigest(), "version": "2.0.0",
                "signature": base64.b64encode(key.sign(img, ec.ECDSA(hashes.SHA256()))).decode()}
         self.jobsd.iot.create_job(jobId=f"{thing}-job", targets=[ARN + thing], document=json.dumps(doc))
-        times = self.update_job(thing, heap_kb, pub, timeout)
+        times = self.fresh_job(thing, heap_kb, {"ota": {"pubkey": pub, "allow": [allow]}}, timeout, tls)
         return None if times is None else times["rebooting"] - times["start"]
 
-    def update_job(self, thing: str, heap_kb: int, pub: str, timeout: float) -> dict | None:
-        """Run the update job `<thing>-job` (already created) on a new device that trusts `pub`:
-        monotonic times of its start-next, its "rebooting" report and the last accepted update,
-        or None if it did not succeed."""
+    def download(self, heap_kb: int, size: int = 256 * 1024, tls: bool = True,
+                 timeout: float = 60) -> float | None:
+        """A download-file job of `size` bytes with its sha256: seconds from start-next to the
+        last accepted update, or None if it failed. `tls`: MQTT over TLS and the file over HTTPS;
+        else plain MQTT and HTTP."""
+        import hashlib
+
+        body = os.urandom(size)
+        self.n += 1
+        thing = f"dl-{self.n}"
+        if tls:
+            url, allow = self.https(body).url + "bench.bin", "https://localhost:"
+        else:
+            from .fileserver import FlakyServer
+
+            srv = FlakyServer(body)
+            self.servers.append(srv)
+            url, allow = srv.url + "bench.bin", "http://127.0.0.1:"
+        self.jobsd.iot.create_thing(thingName=thing)
+        doc = {"operation": "download-file", "url": url, "path": "bench.bin",
+               "sha256": hashlib.sha256(body).hexdigest()}
+        self.jobsd.iot.create_job(jobId=f"{thing}-job", targets=[ARN + thing], document=json.dumps(doc))
+        times = self.fresh_job(thing, heap_kb, {"download": {"allow": [allow], "root": "data"}},
+                               timeout, tls, boots=1)
+        return None if times is None else times["accepted"] - times["start"]
+
+    def fresh_job(self, thing: str, heap_kb: int, config: dict, timeout: float,
+                  tls: bool = True, boots: int = 2) -> dict | None:
+        """Run the job `<thing>-job` (already created) on a new device with `config`: monotonic
+        times of its start-next, its "rebooting" report (updates only) and the last accepted
+        update, or None if it did not succeed or the device booted more than `boots` times (an
+        update's own reset is one; a crash or a reset for memory fails the run)."""
         times: list[tuple[float, str, object]] = []
         spy = stack.Spy(self.mosq.port, thing,
                         on_message=lambda t, p: times.append((time.monotonic(), t, p)))
-        dev = stack.Device(os.path.join(self.work, thing), thing, self.mosq.tls_broker,
-                           tls_dir=self.pki.thing(thing), heap=f"{heap_kb}K",
-                           config={"ota": {"pubkey": pub, "allow": ["http://127.0.0.1:"]}}, image=self.image)
+        dev = stack.Device(os.path.join(self.work, thing), thing,
+                           self.mosq.tls_broker if tls else self.mosq.broker,
+                           tls_dir=self.pki.thing(thing) if tls else None, heap=f"{heap_kb}K",
+                           config=config, image=self.image)
         try:
             def done():
+                if f"devsim: boot {boots + 1} " in dev.log_text(10**7):
+                    return "REBOOTED"
                 ex = self.jobsd.iot.describe_job_execution(jobId=f"{thing}-job", thingName=thing)
                 st = ex["execution"]["status"]
                 return st if st not in ("QUEUED", "IN_PROGRESS") else None
 
             try:
-                status = stack.wait_until(done, timeout, "the update job", 0.1)
+                status = stack.wait_until(done, timeout, "the job", 0.1)
             except TimeoutError:
                 return None
             if status != "SUCCEEDED":
@@ -178,9 +235,9 @@ class Bench:
             return {
                 "start": next(ts for ts, t, p in times if t.endswith("/start-next/accepted")
                               and isinstance(p, dict) and p.get("execution")),
-                "rebooting": next(ts for ts, t, p in times if t.endswith("/update")
-                                  and isinstance(p, dict)
-                                  and p.get("statusDetails", {}).get("step") == "rebooting"),
+                "rebooting": next((ts for ts, t, p in times if t.endswith("/update")
+                                   and isinstance(p, dict)
+                                   and p.get("statusDetails", {}).get("step") == "rebooting"), None),
                 "accepted": max(ts for ts, t, p in times if t.endswith("/update/accepted")),
             }
         finally:
@@ -188,10 +245,11 @@ class Bench:
             spy.stop()
 
     def app_update(self, heap_kb: int = 160, files: int = 16, file_size: int = 16 * 1024,
-                   timeout: float = 60) -> dict | None:
+                   timeout: float = 60, tls: bool = True) -> dict | None:
         """A signed application bundle of `files` modules and an entry module: seconds from
         start-next to the "rebooting" report (manifest, signature, download, hashes, switch)
-        and to the last accepted update (plus the reset, the start on trial, the confirmation)."""
+        and to the last accepted update (plus the reset, the start on trial, the confirmation).
+        `tls`: MQTT over TLS and the files over HTTPS; else plain MQTT and HTTP (jobsd)."""
         from . import sign
 
         self.n += 1
@@ -206,17 +264,30 @@ class Bench:
         keys = os.path.join(self.work, f"{thing}-keys")
         sign.keygen(keys)
         out = os.path.join(self.work, f"{thing}-doc.json")
+        where = ["--bucket", "apps", "--files", self.files, "--key-prefix", f"bench/{thing}",
+                 "--presign-files"]
+        allow = "http://127.0.0.1:"
+        if tls:  # the bundle's objects on an HTTPS server, as from S3
+            stage = os.path.join(self.work, f"{thing}-stage")
+            os.makedirs(stage)
+            from .fileserver import FlakyServer
+
+            server = self.pki.server("localhost", name="https-files")
+            srv = FlakyServer(None, tls=(server["cert_pem"], server["key_pem"]), root=stage)
+            self.servers.append(srv)
+            where, allow = ["--stage", stage, "--base-url", srv.url], "https://localhost:"
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             rc = sign.main(["bundle", src, "--key", os.path.join(keys, sign.KEY_FILE),
-                            "--version", "1.0", "--bucket", "apps", "--files", self.files,
-                            "--key-prefix", f"bench/{thing}", "--presign-files", "--out", out])
+                            "--version", "1.0", "--out", out] + where)
         if rc != 0:
             raise RuntimeError("tools/sign bundle failed")
         with open(out) as f:
             doc = f.read()
         self.jobsd.iot.create_thing(thingName=thing)
         self.jobsd.iot.create_job(jobId=f"{thing}-job", targets=[ARN + thing], document=doc)
-        times = self.update_job(thing, heap_kb, os.path.join(keys, sign.PUB_DER_FILE), timeout)
+        pub = os.path.join(keys, sign.PUB_DER_FILE)
+        times = self.fresh_job(thing, heap_kb, {"ota": {"pubkey": pub, "allow": [allow]}},
+                               timeout, tls)
         if times is None:
             return None
         return {"files": files + 1, "bytes": files * file_size,
@@ -236,14 +307,18 @@ class Bench:
                 lo = mid
         return hi
 
-    def ping_then_steps(self, heap_kb: int, timeout: float = 20) -> bool:
-        """A fresh device (TLS, test handlers) runs a `ping` command, then a steps job with a
-        side effect ([effect, demo]): both SUCCEEDED? The system tests' heaviest default path,
-        which picks devsim's default heap (devsim.DEFAULT_HEAP)."""
+    def ping_arn(self) -> str:
+        """The ARN of the bench's `ping` command (created on first use)."""
         if not getattr(self, "_ping", None):
             self.jobsd.iot.create_command(commandId="bench-ping", payload={
                 "content": b'{"command": "ping"}', "contentType": "application/json"})
             self._ping = "arn:aws:iot:us-east-1:123456789012:command/bench-ping"
+        return self._ping
+
+    def ping_then_steps(self, heap_kb: int, timeout: float = 20) -> bool:
+        """A fresh device (TLS, test handlers) runs a `ping` command, then a steps job with a
+        side effect ([effect, demo]): both SUCCEEDED? The system tests' heaviest default path,
+        which picks devsim's default heap (devsim.DEFAULT_HEAP)."""
         self.n += 1
         thing = f"heap-{self.n}"
         self.jobsd.iot.create_thing(thingName=thing)
@@ -259,7 +334,7 @@ class Bench:
             if "boot 2" in dev.log_text(10**6):
                 return False
             eid = self.jobsd.data.start_command_execution(targetArn=ARN + thing,
-                                                          commandArn=self._ping)["executionId"]
+                                                          commandArn=self.ping_arn())["executionId"]
             doc = {"version": "1.0", "steps": [
                 {"action": {"name": "e", "type": "runHandler", "input": {"handler": "effect.sh"}}},
                 {"action": {"name": "d", "type": "runHandler", "input": {"handler": "demo.sh"}}}]}
@@ -285,11 +360,55 @@ class Bench:
     def ping_steps_heap_min_kb(self, lo: int = 48, hi: int = 192) -> int:
         return self.smallest_heap_kb(self.ping_then_steps, lo, hi)
 
-    def ota_heap_min_kb(self, lo: int = 32, hi: int = 160) -> int:
-        return self.smallest_heap_kb(lambda kb: self.ota(kb) is not None, lo, hi)
+    def command_ok(self, heap_kb: int, tls: bool = True, timeout: float = 20) -> bool:
+        """A fresh device (default handlers) runs one `ping` command: SUCCEEDED, no reset?"""
+        self.n += 1
+        thing = f"cmd-heap-{self.n}"
+        self.jobsd.iot.create_thing(thingName=thing)
+        dev = stack.Device(os.path.join(self.work, thing), thing,
+                           self.mosq.tls_broker if tls else self.mosq.broker,
+                           tls_dir=self.pki.thing(thing) if tls else None, heap=f"{heap_kb}K",
+                           image=self.image)
+        try:
+            try:
+                stack.wait_until(lambda: "heap free=" in dev.log_text(10**6)
+                                 or "boot 2" in dev.log_text(10**6), timeout, "online", 0.05)
+            except TimeoutError:
+                return False
+            eid = self.jobsd.data.start_command_execution(targetArn=ARN + thing,
+                                                          commandArn=self.ping_arn())["executionId"]
+            end = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT")
 
-    def app_heap_min_kb(self, lo: int = 32, hi: int = 192) -> int:
-        return self.smallest_heap_kb(lambda kb: self.app_update(kb) is not None, lo, hi)
+            def done():
+                st = self.jobsd.iot.get_command_execution(executionId=eid,
+                                                          targetArn=ARN + thing)["status"]
+                return st if st in end else None
+
+            try:
+                st = stack.wait_until(done, timeout, "the ping", 0.05)
+            except TimeoutError:
+                return False
+            return st == "SUCCEEDED" and "boot 2" not in dev.log_text(10**6)
+        finally:
+            dev.stop()
+
+    def job_heaps(self) -> dict:
+        """The smallest heap (KB) each job type needs, over TLS and plain: {job: {tls, plain}}.
+        TLS: MQTT over mutual TLS and downloads over HTTPS (two sessions at once); plain: MQTT
+        over TCP and HTTP. The app-update downloads its files over HTTP in both (jobsd's
+        presigned URLs); the OTA and download rows show what HTTPS adds."""
+        out: dict = {}
+        for tls, key in ((True, "tls"), (False, "plain")):
+            out.setdefault("noop", {})[key] = self.heap_min_kb(tls, lo=8)
+            out.setdefault("command", {})[key] = self.smallest_heap_kb(
+                lambda kb, t=tls: self.command_ok(kb, t), 8, 160)
+            out.setdefault("download", {})[key] = self.smallest_heap_kb(
+                lambda kb, t=tls: self.download(kb, tls=t) is not None, 8, 224)
+            out.setdefault("ota", {})[key] = self.smallest_heap_kb(
+                lambda kb, t=tls: self.ota(kb, tls=t) is not None, 8, 224)
+            out.setdefault("app_update", {})[key] = self.smallest_heap_kb(
+                lambda kb, t=tls: self.app_update(kb, tls=t) is not None, 8, 224)
+        return out
 
     def floor(self, jobs: int = 200) -> float:
         """The same executions driven by one paho client (bench_jobsd.Fleet): jobs per second."""
@@ -417,31 +536,86 @@ def ecdsa_ms(image: str = "pip") -> float:
     return int(out.stdout.split()[-1]) / 1000
 
 
+HEAPS = os.path.join(BUILD, "heaps.json")
+JOBS = ("noop", "command", "download", "ota", "app_update")
+
+
+def heap_fingerprint(image: str) -> str:
+    """What the smallest heaps depend on: the image's stamp and the device code."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(os.path.join(images.IMAGE_DIR, image, ".stamp"), "rb") as f:
+            h.update(f.read())
+    except OSError:
+        h.update(image.encode())
+    for src, rel in sources():
+        h.update(rel.encode())
+        with open(src, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def load_heaps() -> dict:
+    try:
+        with open(HEAPS) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def save_heaps(image: str, heaps: dict) -> None:
+    """Keep an image's smallest heaps per job type in build/heaps.json (`make size` reads
+    them while the image and the device code are unchanged)."""
+    data = load_heaps()
+    data[image] = {"fingerprint": heap_fingerprint(image), "kb": heaps,
+                   "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    os.makedirs(BUILD, exist_ok=True)
+    with open(HEAPS + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(HEAPS + ".tmp", HEAPS)
+
+
+def measure_heaps(image: str) -> dict:
+    """The smallest heap of each job type on an image (a new bench of its own)."""
+    build("host")
+    work = os.path.join(BUILD, "bench-heaps", image)
+    shutil.rmtree(work, ignore_errors=True)
+    b = Bench(work, image)
+    try:
+        heaps = b.job_heaps()
+    finally:
+        b.stop()
+    save_heaps(image, heaps)
+    return heaps
+
+
 def device_figures(work: str, image: str = "pip") -> dict:
     build("host")
     build("xtensawin")
     b = Bench(work, image)
     try:
-        heap = b.heap_min_kb(True, lo=8)
-        heap_plain = b.heap_min_kb(False, lo=8)
+        heaps = b.job_heaps()
+        save_heaps(image, heaps)
         heap_ping_steps = b.ping_steps_heap_min_kb(lo=8)
         boots, lat = b.timings()
         tp = b.throughput()
         floor = b.floor()
         ota_s = b.ota(192)
-        ota_heap = b.ota_heap_min_kb(lo=8, hi=224)
         app = b.app_update(heap_kb=224)
         cmd = b.command_latency()
         if app:
-            app["heap_min_kb"] = b.app_heap_min_kb(lo=8, hi=224)
+            app["heap_min_kb"] = heaps["app_update"]["tls"]
     finally:
         b.stop()
     sizes = dict(size_report("host"))
     rate = tp["jobs"] / tp["seconds"]
     return {
         "image": image,
-        "heap_min_kb": heap,
-        "heap_min_kb_plain": heap_plain,
+        "heap_min_kb": heaps["noop"]["tls"],
+        "heap_min_kb_plain": heaps["noop"]["plain"],
+        "heap_min_kb_by_job": heaps,
         "heap_min_kb_ping_then_steps": heap_ping_steps,
         "devsim_default_heap": stack.DEFAULT_HEAP,
         "code_heap_bytes": code_heap_bytes(image),
@@ -454,7 +628,7 @@ def device_figures(work: str, image: str = "pip") -> dict:
         "jobs_per_s_vs_floor": round(rate / floor, 2),
         "ota_1mib_s": round(ota_s, 3) if ota_s else None,
         "ota_kib_per_s": round(1024 / ota_s) if ota_s else None,
-        "ota_heap_min_kb": ota_heap,
+        "ota_heap_min_kb": heaps["ota"]["tls"],
         "ecdsa_verify_ms": ecdsa_ms(image),
         "app_update": app,
         "command_ping": cmd,
@@ -468,10 +642,15 @@ def device_figures(work: str, image: str = "pip") -> dict:
 
 def _side_by_side(figures: dict) -> None:
     """The heap figures of every image in one table (README's "Device images")."""
-    rows = [("no-op job, TLS / plain (KB)", lambda d: f"{d['heap_min_kb']} / {d['heap_min_kb_plain']}"),
+    def both(job):
+        return lambda d: "{tls} / {plain}".format(**d["heap_min_kb_by_job"][job])
+
+    rows = [("no-op job, TLS / plain (KB)", both("noop")),
+            ("ping command, TLS / plain (KB)", both("command")),
+            ("download-file 256 KiB, TLS / plain (KB)", both("download")),
+            ("1 MiB signed OTA, TLS / plain (KB)", both("ota")),
+            ("app-update 17 files, TLS / plain (KB)", both("app_update")),
             ("ping then a steps job, TLS (KB)", lambda d: str(d["heap_min_kb_ping_then_steps"])),
-            ("1 MiB signed OTA (KB)", lambda d: str(d["ota_heap_min_kb"])),
-            ("app-update, 17 files (KB)", lambda d: str((d["app_update"] or {}).get("heap_min_kb"))),
             ("code in the heap (bytes)", lambda d: str(d["code_heap_bytes"])),
             ("no-op jobs per second", lambda d: str(d["jobs_per_s"]))]
     names = list(figures)
@@ -487,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench_jobsd
 
     ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
-    ap.add_argument("--only", choices=["device", "jobsd", "heap"])
+    ap.add_argument("--only", choices=["device", "jobsd", "heap", "heaps"],
+                    help="heap: devsim's default heap figures on --image; heaps: the smallest "
+                         "heap of each job type on --images (build/heaps.json, read by make size)")
     ap.add_argument("--image", choices=["pip", "stock32", "fleet32"], default="pip",
                     help="with --only heap: the device image (tools/images)")
     ap.add_argument("--images", nargs="+", choices=["pip", "stock32", "fleet32"],
@@ -507,6 +688,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"image {args.image}: smallest heap for a no-op job, TLS / plain: {tls} / {plain} KB; "
               f"a ping then a steps job (TLS): {kb} KB (devsim's default {stack.DEFAULT_HEAP})")
         return 0
+    if args.only == "heaps":
+        for image in args.images or ["stock32", "fleet32"]:
+            kb = measure_heaps(image)
+            print(f"image {image}: " + "; ".join(f"{job} {kb[job]['tls']} / {kb[job]['plain']} KB"
+                                                  for job in JOBS) + " (TLS / plain)")
+        return 0
     work = os.path.join(BUILD, "bench")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -520,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== image {image}")
             print(f"device: smallest heap for a job, TLS / plain    : {d['heap_min_kb']} KB / "
                   f"{d['heap_min_kb_plain']} KB (imported code alone: {d['code_heap_bytes']} bytes)")
+            print("device: smallest heap per job type, TLS / plain : " + "; ".join(
+                f"{job} {d['heap_min_kb_by_job'][job]['tls']} / {d['heap_min_kb_by_job'][job]['plain']} KB"
+                for job in JOBS))
             print(f"device: smallest heap, ping then a steps job    : {d['heap_min_kb_ping_then_steps']} KB "
                   f"(devsim's default: {d['devsim_default_heap']})")
             print(f"device: no-op jobs per second, one device       : {d['jobs_per_s']} "
