@@ -266,6 +266,18 @@ def test_power_cut_at_every_step(jobsd, iot, app_device, publish, point):
     assert {p: h for p, h in got.items() if not p.startswith("data/")} == want
 
 
+# On the other images (stock32, pip): a cut inside a file's download, after the verification,
+# at the switch, before the reset and after the confirmation (all 16 on fleet32 above).
+APP_POINTS_EVERY_IMAGE = ("app-checkpoint#1", "app-verified", "app-switching", "before-reset",
+                          "app-confirmed")
+
+
+@pytest.mark.images("stock32", "pip")
+@pytest.mark.parametrize("point", APP_POINTS_EVERY_IMAGE)
+def test_power_cut_on_the_other_images(jobsd, iot, app_device, publish, point):
+    test_power_cut_at_every_step(jobsd, iot, app_device, publish, point)
+
+
 def test_cancel_while_staging_frees_the_stage(jobsd, iot, app_device, publish):
     v1 = publish("1.0", app_files("1.0", big=200_000))
     thing = "app-cancel"

@@ -144,6 +144,19 @@ def test_ota_power_cut_resumes(jobsd, iot, files, ota_device, point):
     assert od["boot"] == "ota_1" and od["state"].get("ota_1") == "VALID", od
 
 
+# On the other images (stock32, pip), a cut at five of those points: mid-download, after the
+# verification, before and after the reset, and before the outcome reaches jobsd (all 20 on
+# fleet32 above; all of them on three images would take two more minutes of `make test`).
+OTA_POINTS_EVERY_IMAGE = ("ota-checkpoint#2", "ota-verified", "before-reset", "ota-confirmed",
+                          "update-sent")
+
+
+@pytest.mark.images("stock32", "pip")
+@pytest.mark.parametrize("point", OTA_POINTS_EVERY_IMAGE)
+def test_ota_power_cut_resumes_on_the_other_images(jobsd, iot, files, ota_device, point):
+    test_ota_power_cut_resumes(jobsd, iot, files, ota_device, point)
+
+
 def test_one_command_ota_from_tools_jobs(jobsd, iot, files, device, tmp_path):
     """tools/sign keygen, then tools/jobs ota: signed, published to jobsd's files, job created,
     the device updates to the new version."""
