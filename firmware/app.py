@@ -85,31 +85,43 @@ def demo(ctx, doc):
     return {"steps": str(steps)}
 
 
+_Lazy = None
+
+
 def _lazy(module, cls, **kw):
     """A handler whose module is imported on its first job: rarely used code costs no heap
-    until it is needed."""
-    from iotjobs.runner import Handler
+    until it is needed. One class for all of them (a class per handler costs heap too)."""
+    global _Lazy
+    if _Lazy is None:
+        from iotjobs.runner import Handler
 
-    class Lazy(Handler):
-        real = None
+        class Lazy(Handler):
+            real = None
 
-        def _get(self):
-            if self.real is None:
-                m = __import__(module, None, None, [cls])
-                self.real = getattr(m, cls)(**kw)
-                self.idempotent = self.real.idempotent
-            return self.real
+            def __init__(self, module, cls, kw):
+                self.module = module
+                self.cls = cls
+                self.kw = kw
 
-        def run(self, ctx, doc):
-            return self._get().run(ctx, doc)
+            def _get(self):
+                if self.real is None:
+                    m = __import__(self.module, None, None, [self.cls])
+                    self.real = getattr(m, self.cls)(**self.kw)
+                    self.idempotent = self.real.idempotent
+                    self.kw = None
+                return self.real
 
-        def resume(self, ctx, doc, cp):
-            return self._get().resume(ctx, doc, cp)
+            def run(self, ctx, doc):
+                return self._get().run(ctx, doc)
 
-        def abort(self, ctx):
-            return self._get().abort(ctx)
+            def resume(self, ctx, doc, cp):
+                return self._get().resume(ctx, doc, cp)
 
-    return Lazy()
+            def abort(self, ctx):
+                return self._get().abort(ctx)
+
+        _Lazy = Lazy
+    return _Lazy(module, cls, kw)
 
 
 def download_context(cfg):
@@ -231,9 +243,10 @@ def build(cfg):
     ota_kw = {"platform": platform, "pubkey": _read(ota["pubkey"]) if ota.get("pubkey") else None,
               "allow": ota.get("allow", dl.get("allow", ())),
               "ssl_context": lambda: download_context(cfg)}
+    ota_handler = _lazy("iotjobs.ota", "Ota", **ota_kw)
     handlers = {
-        "ota": _lazy("iotjobs.ota", "Ota", **ota_kw),
-        "afr_ota": _lazy("iotjobs.ota", "Ota", **ota_kw),
+        "ota": ota_handler,
+        "afr_ota": ota_handler,  # one handler (one buffer) for both document forms
         "demo": FunctionHandler(demo, True),  # no side effects: safe to run again
         "reboot": _lazy("iotjobs.reboot", "Reboot"),
         "download-file": _lazy("iotjobs.download", "Download", root=dl.get("root", "data"),

@@ -255,8 +255,8 @@ class Partition:
             f.seek(off + pos)
             got = f.readinto(memoryview(s)[:k]) or 0
             f.seek(off + pos)
-            if got == k == len(_FF) and s == _FF:
-                f.write(data[pos:pos + k])  # erased: plain programming
+            if not got or (got == k == len(_FF) and s == _FF):
+                f.write(data[pos:pos + k])  # erased (past the end is erased): plain programming
             else:
                 for i in range(got, k):
                     s[i] = 0xFF

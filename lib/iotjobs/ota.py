@@ -4,14 +4,17 @@
 # "filesize", "sig-sha256-ecdsa"}]}}` (HTTP protocol).
 #
 # A lost link, a body cut short or a 5xx answer resumes from the last whole block (4 retries).
-# Streams the image block by block through one reused 4 KB buffer into the next OTA slot,
-# hashing as it writes, checkpointing the offset every 16 blocks (a power cut resumes with HTTP
-# Range after re-hashing what the slot holds). Before set_boot: size, SHA-256 and the ECDSA
-# P-256 signature over the image (as AWS code signing makes it) with the configured public key.
-# Then reboot; the new image confirms itself after its self-test (firmware/app.py). After the
-# boot, the slot that runs tells: the new one -> SUCCEEDED with its version; the old one (the
-# bootloader rolled back an image that never confirmed) -> FAILED rolled_back. Nothing touches
-# the running slot, so every failure leaves the running firmware as it was.
+# Streams the image block by block into the next OTA slot: each 4 KB flash block is erased, then
+# programmed in 1 KB pieces through one reused buffer as the body arrives, then hashed as the
+# flash holds it (a 1 KB buffer needs no 4 KB contiguous block of a fragmented heap); the offset
+# is checkpointed every 16 blocks (a power cut resumes with HTTP Range after re-hashing what the
+# slot holds). The buffer is given back before the signature check. Before set_boot: size,
+# SHA-256 and the ECDSA P-256 signature over the image (as AWS code signing makes it) with the
+# configured public key. Then reboot; the new image confirms itself after its self-test
+# (firmware/app.py). After the boot, the slot that runs tells: the new one -> SUCCEEDED with its
+# version; the old one (the bootloader rolled back an image that never confirmed) -> FAILED
+# rolled_back. Nothing touches the running slot, so every failure leaves the running firmware
+# as it was.
 import binascii
 import hashlib
 from micropython import const
@@ -20,6 +23,7 @@ from .version import newer
 from . import http
 
 _CHECKPOINT_BLOCKS = const(16)
+_CHUNK = const(1024)  # bytes per flash write (a 4 KB block takes several)
 _RETRIES = const(4)  # a lost link or a cut-short body: resume with Range this many times
 
 
@@ -108,19 +112,17 @@ class Ota(Handler):
         if size > slot.ioctl(4, 0) * bs:
             raise JobRejected("TOO_LARGE", "the image does not fit the OTA slot")
         label = slot.info()[4]
+        chunk = _CHUNK if bs > _CHUNK and bs % _CHUNK == 0 else bs
         buf = self.buf
-        if buf is None or len(buf) != bs:
+        if buf is None or len(buf) != chunk:
             import gc
 
             gc.collect()  # one contiguous block, allocated once and kept for every update
-            buf = self.buf = bytearray(bs)
-        mv = memoryview(buf)
+            buf = self.buf = bytearray(chunk)
         h = hashlib.sha256()
         off -= off % bs
         for b in range(off // bs):  # resume: hash what the slot already holds
-            slot.readblocks(b, buf)
-            n = min(bs, size - b * bs)
-            h.update(mv[:n])
+            _hash_block(slot, b, bs, buf, h, min(bs, size - b * bs))
         if off == 0:
             ctx.checkpoint({"phase": "download", "off": 0, "slot": label})
         attempt = 0
@@ -142,6 +144,10 @@ class Ota(Handler):
         digest = h.digest()
         if sha is not None and binascii.hexlify(digest).decode() != sha.lower():
             raise JobFailed("HASH_MISMATCH", "sha256 of the image differs")
+        buf = self.buf = h = None  # the download is over: its buffer goes back to the heap,
+        import gc  # whole, before the signature check's big-number arithmetic
+
+        gc.collect()
         from . import ecdsa
 
         if not ecdsa.verify(self.pubkey, sig, digest=digest):
@@ -179,7 +185,8 @@ class Ota(Handler):
                 raise _Cut("DOWNLOAD_FAILED")  # the server's trouble: retried like a cut
             else:
                 raise JobFailed("DOWNLOAD_FAILED", e.reason)
-        bs = len(buf)
+        bs = slot.ioctl(5, 0)
+        chunk = len(buf)
         mv = memoryview(buf)
         block = off // bs
         have = self.have = off
@@ -187,34 +194,55 @@ class Ota(Handler):
             if r.status == 200 and off:
                 raise JobFailed("NO_RANGE", "the server ignored the Range request")
             while True:
-                fill = 0
-                while fill < bs:  # one whole block per write, as the flash wants
-                    n = r.readinto(mv[fill:])
-                    if not n:
+                got = 0  # bytes of this block written
+                while got < bs:
+                    fill = 0
+                    while fill < chunk:  # whole pieces: a write never ends mid-piece
+                        n = r.readinto(mv[fill:])
+                        if not n:
+                            break
+                        fill += n
+                    if not fill:
                         break
-                    fill += n
-                if not fill:
+                    if have + got + fill > size:
+                        raise JobFailed("SIZE_MISMATCH", "the server sent more than %d bytes" % size)
+                    for i in range(fill, chunk):
+                        buf[i] = 0xFF  # the tail of the last block stays erased
+                    if not got:
+                        slot.ioctl(6, block)  # erase the block, then program it piece by piece
+                    slot.writeblocks(block, buf, got)
+                    got += fill
+                    if fill < chunk:
+                        break
+                if not got:
                     break
-                if have + fill > size:
-                    raise JobFailed("SIZE_MISMATCH", "the server sent more than %d bytes" % size)
-                h.update(mv[:fill])
-                for i in range(fill, bs):
-                    buf[i] = 0xFF  # the tail of the last block stays erased
-                slot.writeblocks(block, buf)
+                _hash_block(slot, block, bs, buf, h, got)  # as the flash holds it
                 ctx.point("ota-block")
                 block += 1
-                have += fill
+                have += got
                 self.have = have
                 if block % _CHECKPOINT_BLOCKS == 0:
                     ctx.checkpoint({"phase": "download", "off": have, "slot": label})
                     ctx.point("ota-checkpoint")
                     ctx.progress(bytes=str(have))
-                if fill < bs:
+                if got < bs:
                     break
         except OSError as e:
-            # The partial block in `buf` was neither written nor hashed: the retry starts at
-            # the last whole block (self.have).
+            # The partial block was not hashed: the retry starts at the last whole block
+            # (self.have), which erases it again.
             raise _Cut("TRUNCATED" if str(e) == "body truncated" else "DOWNLOAD_FAILED")
         finally:
             r.close()
         return have
+
+
+def _hash_block(slot, block, bs, buf, h, n):
+    """Hash the first `n` bytes of `block` as the slot holds them, through `buf`."""
+    mv = memoryview(buf)
+    chunk = len(buf)
+    o = 0
+    while o < n:
+        k = min(chunk, n - o)
+        slot.readblocks(block, mv[:k], o)
+        h.update(mv[:k])
+        o += chunk
