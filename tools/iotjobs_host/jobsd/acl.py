@@ -13,7 +13,11 @@ receive `.../executions/<E>/request[/json|/cbor]` (subscribe with `+` for `<E>`,
 `.../+/request/#` for all three forms), publish only `.../response/json`, receive
 `.../response/accepted/json` and `.../response/rejected/json`; for a thing under
 `$aws/commands/things/<CN>/`, for an MQTT-client target under `$aws/commands/clients/<client id>/`
-(`%c`, the policy's `${iot:ClientId}`). Status events (`$aws/events/...`) are not for devices."""
+(`%c`, the policy's `${iot:ClientId}`). Status events (`$aws/events/...`) are not for devices.
+Streams (MQTT file delivery, STREAMS.md 7): a thing publishes only
+`$aws/things/<CN>/streams/<S>/describe/<fmt>` and `.../get/<fmt>`, and reads only its own
+`.../description/<fmt>`, `.../data/<fmt>` and `.../rejected/<fmt>`, for any stream `<S>`
+(streams are not tied to things)."""
 from __future__ import annotations
 
 import os
@@ -21,6 +25,7 @@ import os
 _JOBS = "$aws/things/%u/jobs/"
 _COMMANDS = "$aws/commands/things/%u/executions/"
 _CLIENT_COMMANDS = "$aws/commands/clients/%c/executions/"
+_STREAMS = "$aws/things/%u/streams/+/"
 
 # (access, topic pattern); subscriptions must fall inside a `read` pattern.
 RULES: tuple[tuple[str, str], ...] = (
@@ -39,7 +44,13 @@ RULES: tuple[tuple[str, str], ...] = (
     ("write", prefix + "+/response/json"),
     ("read", prefix + "+/response/accepted/json"),
     ("read", prefix + "+/response/rejected/json"),
-))
+)) + (
+    ("write", _STREAMS + "describe/+"),
+    ("write", _STREAMS + "get/+"),
+    ("read", _STREAMS + "description/+"),
+    ("read", _STREAMS + "data/+"),
+    ("read", _STREAMS + "rejected/+"),
+)
 
 
 def render() -> str:

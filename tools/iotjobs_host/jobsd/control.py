@@ -1,7 +1,9 @@
 """The `iot` control-plane subset on `--control`: paths and members as boto3's `iot` client
 sends them (botocore `iot/2015-05-28/service-2.json`, restJson1).
 
-Only routing and query/label decoding live here; behaviour is in `Service`. The AWS IoT commands
+Only routing and query/label decoding live here; behaviour is in `Service`. Streams and OTA
+updates (CreateStream ... DeleteOTAUpdate) answer InvalidRequestException as their model says;
+`PUT /_jobsd/test-hooks` is jobsd's own (fault injection for tests, off unless --test-hooks). The AWS IoT commands
 operations report malformed input as ValidationException (their model has no
 InvalidRequestException); DeleteCommand answers 202 or 204 as its `statusCode` says.
 """
@@ -146,6 +148,39 @@ def build_router(service: Service) -> Router:
     def delete_command_execution(req: Request) -> None:
         service.delete_command_execution(req.labels["executionId"], req.q_str("targetArn"))
 
+    def create_stream(req: Request) -> dict[str, Any]:
+        return service.create_stream(req.labels["streamId"], req.body)
+
+    def describe_stream(req: Request) -> dict[str, Any]:
+        return service.describe_stream(req.labels["streamId"])
+
+    def list_streams(req: Request) -> dict[str, Any]:
+        return service.list_streams(req.q_int("maxResults"), req.q_str("nextToken"),
+                                    req.q_bool("isAscendingOrder", False))
+
+    def update_stream(req: Request) -> dict[str, Any]:
+        return service.update_stream(req.labels["streamId"], req.body)
+
+    def delete_stream(req: Request) -> None:
+        service.delete_stream(req.labels["streamId"])
+
+    def create_ota_update(req: Request) -> dict[str, Any]:
+        return service.create_ota_update(req.labels["otaUpdateId"], req.body)
+
+    def get_ota_update(req: Request) -> dict[str, Any]:
+        return service.get_ota_update(req.labels["otaUpdateId"])
+
+    def list_ota_updates(req: Request) -> dict[str, Any]:
+        return service.list_ota_updates(req.q_str("otaUpdateStatus"), req.q_int("maxResults"),
+                                        req.q_str("nextToken"))
+
+    def delete_ota_update(req: Request) -> None:
+        service.delete_ota_update(req.labels["otaUpdateId"], req.q_bool("deleteStream", False),
+                                  req.q_bool("forceDeleteAWSJob", False))
+
+    def test_hooks(req: Request) -> dict[str, Any]:
+        return service.set_test_hooks(req.body)
+
     router.add("POST", "/things/{thingName}", create_thing)
     router.add("GET", "/things/{thingName}", describe_thing)
     router.add("GET", "/things", list_things)
@@ -180,4 +215,15 @@ def build_router(service: Service) -> Router:
                 ("DELETE", "/command-executions/{executionId}", delete_command_execution))
     for method, template, handler in commands:
         router.add(method, template, handler, "ValidationException")
+    router.add("POST", "/streams/{streamId}", create_stream)
+    router.add("GET", "/streams/{streamId}", describe_stream)
+    router.add("GET", "/streams", list_streams)
+    router.add("PUT", "/streams/{streamId}", update_stream)
+    router.add("DELETE", "/streams/{streamId}", delete_stream)
+    router.add("POST", "/otaUpdates/{otaUpdateId}", create_ota_update)
+    router.add("GET", "/otaUpdates/{otaUpdateId}", get_ota_update)
+    router.add("GET", "/otaUpdates", list_ota_updates)
+    router.add("DELETE", "/otaUpdates/{otaUpdateId}", delete_ota_update)
+    # not AWS: flips fault injection for tests (404 unless jobsd runs with --test-hooks)
+    router.add("PUT", "/_jobsd/test-hooks", test_hooks)
     return router

@@ -68,6 +68,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--minute-seconds", type=float, default=60.0,
                    help="length of a job-timer minute in seconds (tests shorten it)")
     p.add_argument("--client-id", default="jobsd", help="MQTT client id")
+    p.add_argument("--stream-eof", choices=("strict", "clamp"), default="strict",
+                   help="GetStream without `n` whose implied range (o + 128 KiB / l blocks) "
+                        "runs past the end of the file: reject it InvalidRequest as AWS was "
+                        "seen to (strict), or send what is left (clamp)")
+    p.add_argument("--test-hooks", action="store_true",
+                   help="enable PUT /_jobsd/test-hooks on --control (fault injection for tests)")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = p.parse_args(argv)
@@ -99,6 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     service = Service(store, lambda topic, payload, delivery=None: None, region=args.region,
                       account=args.account, minute_seconds=args.minute_seconds)
+    service.stream_strict_eof = args.stream_eof == "strict"
+    service.test_hooks = args.test_hooks
     servers: list[RestServer] = []
     bridge: Optional[MqttBridge] = None
     timers = TimerThread(service)
@@ -129,6 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         while not bridge.subscribed.wait(0.2):
             if stop.is_set():
                 return 0
+        service.resume_ota_updates()  # OTA updates a stop left CREATE_PENDING
         print(f"READY control={control_server.address} data={data_server.address}", flush=True)
         log.info("ready: control=%s data=%s broker=%s:%d db=%s", control_server.address,
                  data_server.address, *args.broker, args.db)

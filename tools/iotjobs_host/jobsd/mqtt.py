@@ -2,9 +2,11 @@
 
 `answer()` is the pure part: topic and payload in, reply topic and payload out, nothing raised.
 `MqttBridge` is the paho plumbing around it: one connection (client id `jobsd`) that
-subscribes to `$aws/things/+/jobs/#` and to the AWS IoT commands response topic
-`$aws/commands/+/+/executions/+/response/json`, feeds requests to `answer()`, publishes replies
-and the service's events at QoS 1, and reconnects and resubscribes when the broker goes away.
+subscribes to `$aws/things/+/jobs/#`, to the AWS IoT commands response topic
+`$aws/commands/+/+/executions/+/response/json` and to the streams requests
+`$aws/things/+/streams/#`, feeds requests to `answer()` (`answer_stream()` for streams),
+publishes replies and the service's events at QoS 1 (stream `data` at QoS 0, streams.py), and
+reconnects and resubscribes when the broker goes away.
 
 A commands report is answered on `.../response/accepted/json` with `{"executionId": E}` or on
 `.../response/rejected/json` with `{"error", "errorMessage", "executionId"}`: other member
@@ -30,6 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import commands as cmds
+from . import streams as sts
 from . import views
 from .rules import (NEXT, DeviceError, check_client_token, parse_json, parse_describe, parse_start_next,
                     parse_update, valid_job_id, valid_thing_name)
@@ -37,7 +40,7 @@ from .service import Delivery, Service, encode
 
 log = logging.getLogger("jobsd.mqtt")
 
-SUBSCRIPTIONS = ("$aws/things/+/jobs/#", cmds.RESPONSE_SUBSCRIPTION)
+SUBSCRIPTIONS = ("$aws/things/+/jobs/#", cmds.RESPONSE_SUBSCRIPTION, sts.SUBSCRIPTION)
 MAX_INFLIGHT = 0  # paho: 0 = no limit (a limit makes every PUBACK scan all in-flight messages)
 
 # Request kinds a topic can name.
@@ -105,6 +108,42 @@ def answer(service: Service, topic: str, payload: bytes) -> Optional[tuple[str, 
         log.exception("internal error answering %s", topic)
         err = DeviceError("InternalError", "Internal error")
         return topic + "/rejected", encode(_rejection(service, err, token))
+
+
+def answer_stream(service: Service, topic: str, payload: bytes
+                  ) -> list[tuple[str, bytes, int]]:
+    """DescribeStream and GetStream (STREAMS.md 2-4): the messages to publish as (topic,
+    payload, QoS): one `description`, one `data` per block, or one `rejected`. Nothing for
+    topics that are not stream requests. Never raises."""
+    target = sts.route(topic)
+    if target is None:
+        return []
+    fmt = target.reply_fmt
+    token: Optional[str] = None
+    try:
+        if not target.valid:
+            raise sts.StreamError("InvalidTopic", f"Topic {topic} does not name a stream API")
+        body = sts.decode(payload, fmt)
+        if target.verb == sts.DESCRIBE:
+            token = sts.parse_describe(body)
+            version, description, files = service.stream_describe(target.stream_id, token)
+            return [(target.topic("description"),
+                     sts.description(fmt, token, version, description, files), sts.QOS_REPLY)]
+        req = sts.parse_get(body, fmt)
+        token = req.token
+        indexes, data = service.stream_blocks(target.stream_id, req)
+        encoder = sts.DataEncoder(fmt, token, req.file_id)
+        block = req.block_size
+        topic_out = target.topic("data")
+        return [(topic_out, encoder.message(i, data[i * block:(i + 1) * block]), sts.QOS_DATA)
+                for i in indexes]
+    except sts.StreamError as err:
+        return [(target.topic("rejected"), sts.rejection(fmt, err.code, err.message, err.token),
+                 sts.QOS_REPLY)]
+    except Exception:  # never let one bad request take the bridge down
+        log.exception("internal error answering %s", topic)
+        return [(target.topic("rejected"),
+                 sts.rejection(fmt, "InternalError", "Internal error", token), sts.QOS_REPLY)]
 
 
 def answer_command(service: Service, topic: str, payload: bytes) -> Optional[tuple[str, bytes]]:
@@ -222,14 +261,15 @@ class MqttBridge:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def publish(self, topic: str, payload: bytes, delivery: Optional[Delivery] = None) -> None:
+    def publish(self, topic: str, payload: bytes, delivery: Optional[Delivery] = None,
+                qos: int = 1) -> None:
         properties = None
         if delivery is not None:  # a command request: MQTT 5 content type and expiry
             properties = Properties(PacketTypes.PUBLISH)
             if delivery.content_type:
                 properties.ContentType = delivery.content_type
             properties.MessageExpiryInterval = delivery.expiry_seconds
-        info = self._client.publish(topic, payload, qos=1, properties=properties)
+        info = self._client.publish(topic, payload, qos=qos, properties=properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.warning("publish to %s queued while disconnected (rc=%s)", topic, info.rc)
 
@@ -260,6 +300,10 @@ class MqttBridge:
         self.subscribed.set()
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic.startswith("$aws/things/") and "/streams/" in msg.topic:
+            for topic, payload, qos in answer_stream(self._service, msg.topic, msg.payload):
+                self.publish(topic, payload, qos=qos)
+            return
         try:
             reply = answer(self._service, msg.topic, msg.payload)
         except Exception:  # answer() already guards; this is the last line of defence

@@ -23,6 +23,11 @@ index over it makes "the next deadline" and "what is due" index lookups. AWS IoT
 theirs the same way: `command_executions.timeout_at` (creation + executionTimeoutSeconds, while
 the execution can still time out) and `commands.delete_at` (when a command pending deletion is
 removed for good); `next_deadline()` is the earliest of all three.
+
+Streams (schema 4) keep their files as one JSON list per row, with each file's size and SHA-256
+as recorded at CreateStream / UpdateStream; device requests never read this table per block
+(the service caches a stream's view until it changes). OTA updates keep the CreateOTAUpdate
+body as received and the stream and job they led to.
 """
 
 from __future__ import annotations
@@ -159,7 +164,34 @@ CREATE INDEX command_executions_by_command ON command_executions (command_id);
 CREATE INDEX command_executions_by_target ON command_executions (target_kind, target_name);
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+_SCHEMA_V4 = """
+CREATE TABLE streams (
+    stream_id        TEXT PRIMARY KEY,
+    seq              INTEGER NOT NULL,   -- creation order (ListStreams sorts by it)
+    version          INTEGER NOT NULL,   -- 1 at creation, + 1 per UpdateStream
+    description      TEXT,
+    role_arn         TEXT NOT NULL,
+    files            TEXT NOT NULL,      -- JSON list: fileId, bucket, key, version, size, sha256
+    tags             TEXT NOT NULL,      -- JSON list of Key/Value objects
+    created_at       REAL NOT NULL,
+    last_updated_at  REAL NOT NULL
+);
+CREATE TABLE ota_updates (
+    ota_update_id    TEXT PRIMARY KEY,
+    seq              INTEGER NOT NULL,   -- creation order
+    status           TEXT NOT NULL,      -- CREATE_PENDING -> CREATE_COMPLETE | CREATE_FAILED
+    request          TEXT NOT NULL,      -- JSON: the CreateOTAUpdate body as received
+    stream_id        TEXT,               -- the stream its MQTT files come from
+    stream_created   INTEGER NOT NULL DEFAULT 0,  -- 1: created by this OTA update
+    job_id           TEXT NOT NULL,
+    error            TEXT,               -- JSON {code, message} when CREATE_FAILED
+    created_at       REAL NOT NULL,
+    last_updated_at  REAL NOT NULL
+);
+CREATE INDEX ota_updates_by_stream ON ota_updates (stream_id);
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _PENDING = "status IN ('IN_PROGRESS', 'QUEUED')"
@@ -276,6 +308,49 @@ class CommandExecution:
     client_token: Optional[str] = None
     timeout_at: Optional[float] = None
     seq: int = 0
+
+
+@dataclass
+class Stream:
+    """An AWS IoT stream: files (StreamFile JSON dicts, see streams.py) under one version."""
+    stream_id: str
+    seq: int
+    version: int
+    description: Optional[str]
+    role_arn: str
+    files: list[dict[str, Any]]
+    created_at: float
+    last_updated_at: float
+    tags: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class OtaUpdate:
+    ota_update_id: str
+    seq: int
+    status: str
+    request: dict[str, Any]
+    job_id: str
+    created_at: float
+    last_updated_at: float
+    stream_id: Optional[str] = None
+    stream_created: bool = False
+    error: Optional[dict[str, str]] = None
+
+
+def _stream(row: sqlite3.Row) -> Stream:
+    return Stream(stream_id=row["stream_id"], seq=row["seq"], version=row["version"],
+                  description=row["description"], role_arn=row["role_arn"],
+                  files=json.loads(row["files"]), created_at=row["created_at"],
+                  last_updated_at=row["last_updated_at"], tags=json.loads(row["tags"]))
+
+
+def _ota(row: sqlite3.Row) -> OtaUpdate:
+    return OtaUpdate(ota_update_id=row["ota_update_id"], seq=row["seq"], status=row["status"],
+                     request=json.loads(row["request"]), job_id=row["job_id"],
+                     created_at=row["created_at"], last_updated_at=row["last_updated_at"],
+                     stream_id=row["stream_id"], stream_created=bool(row["stream_created"]),
+                     error=_json_or_none(row["error"]))
 
 
 def _thing(row: sqlite3.Row) -> Thing:
@@ -714,3 +789,64 @@ class Store:
         return [_command_execution(r) for r in self._db.execute(
             "SELECT * FROM command_executions WHERE timeout_at IS NOT NULL AND timeout_at <= ?"
             " ORDER BY timeout_at, seq", (now,))]
+
+    # -- streams -------------------------------------------------------------------------------
+    def get_stream(self, stream_id: str) -> Optional[Stream]:
+        row = self._db.execute("SELECT * FROM streams WHERE stream_id=?",
+                               (stream_id,)).fetchone()
+        return None if row is None else _stream(row)
+
+    def insert_stream(self, st: Stream) -> None:
+        self._db.execute(
+            "INSERT INTO streams (stream_id, seq, version, description, role_arn, files, tags,"
+            " created_at, last_updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (st.stream_id, st.seq, st.version, st.description, st.role_arn,
+             json.dumps(st.files), json.dumps(st.tags), st.created_at, st.last_updated_at))
+
+    def save_stream(self, st: Stream) -> None:
+        self._db.execute(
+            "UPDATE streams SET version=?, description=?, role_arn=?, files=?,"
+            " last_updated_at=? WHERE stream_id=?",
+            (st.version, st.description, st.role_arn, json.dumps(st.files),
+             st.last_updated_at, st.stream_id))
+
+    def delete_stream(self, stream_id: str) -> None:
+        self._db.execute("DELETE FROM streams WHERE stream_id=?", (stream_id,))
+
+    def list_streams(self) -> list[Stream]:
+        """Oldest first."""
+        return [_stream(r) for r in self._db.execute("SELECT * FROM streams ORDER BY seq")]
+
+    # -- OTA updates ---------------------------------------------------------------------------
+    def get_ota_update(self, ota_update_id: str) -> Optional[OtaUpdate]:
+        row = self._db.execute("SELECT * FROM ota_updates WHERE ota_update_id=?",
+                               (ota_update_id,)).fetchone()
+        return None if row is None else _ota(row)
+
+    def insert_ota_update(self, ota: OtaUpdate) -> None:
+        self._db.execute(
+            "INSERT INTO ota_updates (ota_update_id, seq, status, request, stream_id,"
+            " stream_created, job_id, error, created_at, last_updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ota.ota_update_id, ota.seq, ota.status, json.dumps(ota.request), ota.stream_id,
+             int(ota.stream_created), ota.job_id, _dump_or_none(ota.error), ota.created_at,
+             ota.last_updated_at))
+
+    def save_ota_update(self, ota: OtaUpdate) -> None:
+        self._db.execute(
+            "UPDATE ota_updates SET status=?, stream_id=?, stream_created=?, error=?,"
+            " last_updated_at=? WHERE ota_update_id=?",
+            (ota.status, ota.stream_id, int(ota.stream_created), _dump_or_none(ota.error),
+             ota.last_updated_at, ota.ota_update_id))
+
+    def delete_ota_update(self, ota_update_id: str) -> None:
+        self._db.execute("DELETE FROM ota_updates WHERE ota_update_id=?", (ota_update_id,))
+
+    def list_ota_updates(self) -> list[OtaUpdate]:
+        """Oldest first."""
+        return [_ota(r) for r in self._db.execute("SELECT * FROM ota_updates ORDER BY seq")]
+
+    def ota_updates_using_stream(self, stream_id: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT ota_update_id FROM ota_updates WHERE stream_id=? ORDER BY seq",
+            (stream_id,))]
