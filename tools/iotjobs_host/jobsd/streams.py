@@ -269,7 +269,7 @@ class StreamError(Exception):
 def decode(payload: bytes, fmt: str) -> dict[Any, Any]:
     """The request map; InvalidJson / InvalidCbor when it does not parse or is not a map. An
     empty payload is an empty request (every describe member is optional)."""
-    if not payload.strip():
+    if fmt == JSON and not payload.strip() or not payload:
         return {}
     if fmt == JSON:
         try:
