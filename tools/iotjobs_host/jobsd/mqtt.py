@@ -300,7 +300,7 @@ class MqttBridge:
         self.subscribed.set()
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        if msg.topic.startswith("$aws/things/") and "/streams/" in msg.topic:
+        if sts.is_stream_topic(msg.topic):
             for topic, payload, qos in answer_stream(self._service, msg.topic, msg.payload):
                 self.publish(topic, payload, qos=qos)
             return

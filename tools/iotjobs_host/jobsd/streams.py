@@ -218,6 +218,11 @@ def parse_update(stream_id: str, body: dict[str, Any]) -> StreamSpec:
 SUBSCRIPTION = "$aws/things/+/streams/#"
 
 
+def is_stream_topic(topic: str) -> bool:
+    """`$aws/things/<T>/streams/...` (a job id may be "streams": `.../jobs/streams/get` is not)."""
+    return topic.startswith("$aws/things/") and topic.split("/", 4)[3:4] == ["streams"]
+
+
 @dataclass(frozen=True)
 class Route:
     thing: str
