@@ -9,7 +9,7 @@ mosquitto and paho cost with no streams service behind them. jobsd is not the bo
 its figures are close to the floor's.
 
     .venv/bin/python -m iotjobs_host.bench_streams [--size BYTES] [--block BYTES] [--n N]
-                                                    [--fmt cbor|json]
+                                                    [--fmt cbor|json] [--repeat R]
 
 (from tools/), or call `bench_streams()`; it returns a dict and starts and stops its own
 mosquitto and jobsd."""
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ THING = "bench-streams"
 ROLE = "arn:aws:iam::123456789012:role/bench-streams"
 
 ECHO = r"""
-import sys, paho.mqtt.client as mqtt
+import socket, sys, paho.mqtt.client as mqtt
 size, n = int(sys.argv[2]), int(sys.argv[3])
 body = b"\xa5" * size
 def on_message(c, u, m):
@@ -47,6 +48,7 @@ c.on_connect = lambda c, u, f, rc, p: c.subscribe("bench/x/get", 1)
 c.on_subscribe = lambda *a: print("READY", flush=True)
 c.on_message = on_message
 c.connect("127.0.0.1", int(sys.argv[1]))
+c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as jobsd's bridge does
 c.loop_forever()
 """
 
@@ -122,9 +124,10 @@ def _rate(seconds: float, blocks: int, size: int) -> dict[str, float]:
             "mib_per_s": round(size / seconds / (1 << 20), 2)}
 
 
-def _fetch_jobsd(port: int, stream_id: str, size: int, block: int, n: int, fmt: str
-                 ) -> tuple[float, bytes, int]:
-    """(seconds, the file as received, the size of one full data message)."""
+def _fetch_jobsd(port: int, stream_id: str, size: int, block: int, n: int, fmt: str,
+                 repeat: int) -> tuple[float, bytes, int]:
+    """(median seconds of `repeat` fetches, the file as received by the last, the size of one
+    full data message)."""
     base = f"$aws/things/{THING}/streams/{stream_id}/"
     f = _Fetcher(port, [base + f"data/{fmt}", base + f"rejected/{fmt}"])
     try:
@@ -133,14 +136,18 @@ def _fetch_jobsd(port: int, stream_id: str, size: int, block: int, n: int, fmt: 
         f.request(base + f"get/{fmt}", _encode(fmt, {"c": "w", "f": 0, "l": block, "o": 0,
                                                      "n": 1}), 1)
         message_size = len(f.messages[-1])
-        with f._cond:
-            f.messages.clear()
-        t0 = time.perf_counter()
-        for o in range(0, nblocks, n):
-            count = min(n, nblocks - o)
-            f.request(base + f"get/{fmt}", _encode(fmt, {"c": "b", "s": 1, "f": 0, "l": block,
-                                                         "o": o, "n": count}), count)
-        seconds = time.perf_counter() - t0
+        times = []
+        for _ in range(repeat):
+            with f._cond:
+                f.messages.clear()
+            t0 = time.perf_counter()
+            for o in range(0, nblocks, n):
+                count = min(n, nblocks - o)
+                f.request(base + f"get/{fmt}", _encode(fmt, {"c": "b", "s": 1, "f": 0,
+                                                             "l": block, "o": o, "n": count}),
+                          count)
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
         out = bytearray(size)
         for raw in f.messages:
             body = _decode(fmt, raw)
@@ -150,7 +157,8 @@ def _fetch_jobsd(port: int, stream_id: str, size: int, block: int, n: int, fmt: 
         f.close()
 
 
-def _fetch_floor(port: int, size: int, block: int, n: int, message_size: int) -> float:
+def _fetch_floor(port: int, size: int, block: int, n: int, message_size: int,
+                 repeat: int) -> float:
     echo = subprocess.Popen([sys.executable, "-c", ECHO, str(port), str(message_size), str(n)],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -159,10 +167,14 @@ def _fetch_floor(port: int, size: int, block: int, n: int, message_size: int) ->
         try:
             nblocks = -(-size // block)
             f.request("bench/x/get", b"{}", n)  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(0, nblocks, n):
-                f.request("bench/x/get", b'{"c":"b","s":1,"f":0,"l":4096,"o":0,"n":8}', n)
-            return time.perf_counter() - t0
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                for o in range(0, nblocks, n):
+                    f.request("bench/x/get", b'{"c":"b","s":1,"f":0,"l":4096,"o":0,"n":8}',
+                              min(n, nblocks - o))
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
         finally:
             f.close()
     finally:
@@ -171,9 +183,10 @@ def _fetch_floor(port: int, size: int, block: int, n: int, message_size: int) ->
 
 
 def bench_streams(size: int = 1 << 20, block: int = 4096, n: int = 8, fmt: str = "cbor",
-                  work: Optional[str] = None) -> dict[str, Any]:
+                  repeat: int = 5, work: Optional[str] = None) -> dict[str, Any]:
     """Fetch a `size`-byte file in `block`-byte blocks, `n` blocks per request, through jobsd
-    and through the echo floor; blocks/s and MiB/s of each."""
+    and through the echo floor (`repeat` times each, the median kept); blocks/s and MiB/s of
+    each."""
     owned = work is None
     work = work or tempfile.mkdtemp(prefix="bench-streams-")
     pki = PKI(os.path.join(work, "pki"))
@@ -189,10 +202,11 @@ def bench_streams(size: int = 1 << 20, block: int = 4096, n: int = 8, fmt: str =
                             extra=["--log-level", "WARNING"])
         jobsd.iot.create_stream(streamId="bench", roleArn=ROLE, files=[
             {"fileId": 0, "s3Location": {"bucket": "fw", "key": "image.bin"}}])
-        seconds, got, message_size = _fetch_jobsd(mosq.port, "bench", size, block, n, fmt)
+        seconds, got, message_size = _fetch_jobsd(mosq.port, "bench", size, block, n, fmt,
+                                                      repeat)
         if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
             raise RuntimeError("the file fetched through jobsd differs from the original")
-        floor = _fetch_floor(mosq.port, size, block, n, message_size)
+        floor = _fetch_floor(mosq.port, size, block, n, message_size, repeat)
     finally:
         if jobsd is not None:
             jobsd.stop()
@@ -204,7 +218,7 @@ def bench_streams(size: int = 1 << 20, block: int = 4096, n: int = 8, fmt: str =
     blocks = -(-size // block)
     mine, base = _rate(seconds, blocks, size), _rate(floor, blocks, size)
     return {"file_bytes": size, "block": block, "blocks": blocks, "blocks_per_request": n,
-            "format": fmt, "data_message_bytes": message_size, "jobsd": mine, "floor": base,
+            "format": fmt, "repeat": repeat, "data_message_bytes": message_size, "jobsd": mine, "floor": base,
             "jobsd_vs_floor": round(mine["blocks_per_s"] / base["blocks_per_s"], 3)}
 
 
@@ -214,8 +228,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--block", type=int, default=4096)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--fmt", choices=("cbor", "json"), default="cbor")
+    p.add_argument("--repeat", type=int, default=5)
     a = p.parse_args(argv)
-    print(json.dumps(bench_streams(a.size, a.block, a.n, a.fmt), indent=2))
+    print(json.dumps(bench_streams(a.size, a.block, a.n, a.fmt, a.repeat), indent=2))
     return 0
 
 
