@@ -1125,3 +1125,34 @@ def test_a_job_named_streams_is_still_a_jobs_request(jobsd: Jobsd, broker: stack
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+def test_a_schema_3_database_is_upgraded_in_place(tmp_path: Path, mosquitto: stack.Mosquitto,
+                                                  files: Path) -> None:
+    """A database of the jobsd before streams (schema 3) keeps its things and gains streams."""
+    import sqlite3
+
+    from iotjobs_host.jobsd import store
+
+    db = str(tmp_path / "old.sqlite3")
+    conn = sqlite3.connect(db, isolation_level=None)
+    for script in store._MIGRATIONS[:3]:
+        conn.executescript(script)
+    conn.execute("INSERT INTO things (name, thing_id, attributes, thing_type, version, created_at)"
+                 " VALUES ('old-thing', 'id-1', '{}', NULL, 1, 0)")
+    conn.execute("PRAGMA user_version=3")
+    conn.close()
+    (files / "fw").mkdir()
+    (files / "fw" / "a.bin").write_bytes(b"a" * 700)
+    j = Jobsd(str(tmp_path), mosquitto.broker, files=str(files), db=db)
+    try:
+        assert j.iot.describe_thing(thingName="old-thing")["thingId"] == "id-1"
+        assert j.iot.create_stream(streamId="new", roleArn=ROLE, files=[
+            {"fileId": 0, "s3Location": {"bucket": "fw", "key": "a.bin"}}])["streamVersion"] == 1
+    finally:
+        j.stop()
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 4
+    finally:
+        conn.close()
