@@ -774,7 +774,7 @@ def test_17_control_plane_validation(jobsd: Jobsd, files_dir: Path) -> None:
     good = {"fileId": 0, "s3Location": {"bucket": "fw", "key": key}}
     cases: list[tuple[str, dict[str, Any], str, int]] = [
         ("51 files", {"files": [dict(good, fileId=i) for i in range(51)]},
-         "LimitExceededException", 410),
+         "InvalidRequestException", 400),
         ("fileId 256", {"files": [dict(good, fileId=256)]}, "InvalidRequestException", 400),
         ("fileId -1", {"files": [dict(good, fileId=-1)]}, "InvalidRequestException", 400),
         ("fileId string", {"files": [dict(good, fileId="0")]}, "InvalidRequestException", 400),
@@ -807,7 +807,7 @@ def test_17_control_plane_validation(jobsd: Jobsd, files_dir: Path) -> None:
     raw.create_stream(streamId=stream_id, roleArn=ROLE, files=[good])
     with pytest.raises(ClientError) as err:
         raw.update_stream(streamId=stream_id, files=[dict(good, fileId=i) for i in range(51)])
-    assert error_of(err) == ("LimitExceededException", 410)
+    assert error_of(err) == ("InvalidRequestException", 400)
     assert jobsd.iot.describe_stream(streamId=stream_id)["streamInfo"]["streamVersion"] == 1
 
 

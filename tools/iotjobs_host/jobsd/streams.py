@@ -8,8 +8,9 @@ this module makes a choice and says so here (README "Streams (MQTT file delivery
 
 * a new stream is version 1; each UpdateStream adds exactly one, and an update past 65535 is a
   LimitExceededException (the version never wraps);
-* more than 50 files in CreateStream / UpdateStream is a LimitExceededException; a fileId outside
-  0..255, a duplicate fileId, a missing s3Location is an InvalidRequestException;
+* more than 50 files in CreateStream / UpdateStream, a fileId outside 0..255, a duplicate
+  fileId, a missing s3Location is an InvalidRequestException (the model's bound on the list,
+  enforced as input validation; STREAMS.md 11.17);
 * past the end of file: `o` >= the block count, or a bitmap bit set past the last block, is
   InvalidRequest "The data requested is out of the range of data available." (always). With no
   `n`, the implied range `o .. o + 131072/l - 1` must fit in the file (strict, the default, as
@@ -165,8 +166,7 @@ def parse_files(value: Any) -> list[StreamFile]:
     if not isinstance(value, list) or not value:
         raise invalid("files must be a list of 1..50 {fileId, s3Location} entries")
     if len(value) > MAX_FILES:
-        raise ApiError("LimitExceededException", 410,
-                       f"A stream holds at most {MAX_FILES} files; {len(value)} were given.")
+        raise invalid(f"A stream holds at most {MAX_FILES} files; {len(value)} were given.")
     out: list[StreamFile] = []
     seen: set[int] = set()
     for i, item in enumerate(value):
