@@ -124,3 +124,59 @@ def test_command_runs_on_a_device(jobsd, iot, device, spy, tmp_path):
     assert r.returncode == 2 and "exists with another payload" in r.stderr
     r = command("bad", "--thing", "cli-cmd", "--payload", "[1]")
     assert r.returncode == 2 and "JSON object" in r.stderr
+
+
+def test_ota_and_download_over_mqtt_make_a_stream_and_point_the_job_at_it(jobsd, iot, files,
+                                                                          tmp_path):
+    """`tools/jobs ota|download --protocol mqtt`: the file lands in jobsd's files folder, a
+    stream named after the job serves it, and the document names the stream instead of a URL
+    (both: the stream and the URL). The stream describes the file at its size."""
+    import hashlib
+
+    from iotjobs_host import sign
+
+    iot.create_thing(thingName="cli-mqtt")
+    keys = tmp_path / "keys"
+    sign.keygen(str(keys))
+    image = tmp_path / "fw.bin"
+    image.write_bytes(os.urandom(20_000))
+    r = jobs(jobsd, "ota", "cli-ota-mqtt", "--image", str(image), "--key",
+             str(keys / sign.KEY_FILE), "--files", str(files), "--version", "2.0.0",
+             "--protocol", "mqtt", "--thing", "cli-mqtt")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(iot.get_job_document(jobId="cli-ota-mqtt")["document"])
+    assert doc["stream"] == {"id": "cli-ota-mqtt", "fileId": 0} and "url" not in doc, doc
+    assert doc["size"] == 20_000 and doc["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    info = iot.describe_stream(streamId="cli-ota-mqtt")["streamInfo"]
+    assert info["files"] == [{"fileId": 0, "s3Location": {"bucket": "firmware", "key": "fw.bin"}}]
+    assert (files / "firmware" / "fw.bin").read_bytes() == image.read_bytes()
+
+    afr = jobs(jobsd, "ota", "cli-afr-both", "--image", str(image), "--key",
+               str(keys / sign.KEY_FILE), "--files", str(files), "--afr-ota", "--protocol", "both",
+               "--thing", "cli-mqtt")
+    assert afr.returncode == 0, afr.stderr
+    ota = json.loads(iot.get_job_document(jobId="cli-afr-both")["document"])["afr_ota"]
+    assert ota["protocols"] == ["MQTT", "HTTP"] and ota["streamname"] == "cli-afr-both"
+    assert ota["files"][0]["update_data_url"].startswith("${aws:iot:s3-presigned-url:")
+
+    data = tmp_path / "table.csv"
+    data.write_bytes(b"a,b\n1,2\n" * 500)
+    d = jobs(jobsd, "download", "cli-dl-mqtt", "--file", str(data), "--path", "t/table.csv",
+             "--files", str(files), "--protocol", "mqtt", "--thing", "cli-mqtt")
+    assert d.returncode == 0, d.stderr
+    doc = json.loads(iot.get_job_document(jobId="cli-dl-mqtt")["document"])
+    assert doc == {"operation": "download-file", "path": "t/table.csv", "size": 4000,
+                   "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                   "stream": {"id": "cli-dl-mqtt", "fileId": 0}}, doc
+    plain = jobs(jobsd, "download", "cli-dl-http", "--file", str(data), "--path", "t/x.csv",
+                 "--files", str(files), "--key-name", "x.csv", "--thing", "cli-mqtt")
+    assert plain.returncode == 0, plain.stderr
+    assert "stream" not in json.loads(iot.get_job_document(jobId="cli-dl-http")["document"])
+
+    again = jobs(jobsd, "download", "cli-dl-mqtt", "--file", str(data), "--path", "t/table.csv",
+                 "--files", str(files), "--protocol", "mqtt", "--thing", "cli-mqtt")
+    assert again.returncode == 2 and "ResourceAlreadyExists" in again.stderr, again.stderr
+    outside = jobs(jobsd, "download", "cli-dl-bad", "--file", str(data), "--path", "x",
+                   "--files", str(files), "--key-name", "../escape", "--thing", "cli-mqtt")
+    assert outside.returncode == 2, outside.stderr
+    assert "cli-dl-bad" not in [j["jobId"] for j in iot.list_jobs()["jobs"]]

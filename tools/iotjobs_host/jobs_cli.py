@@ -88,8 +88,50 @@ def _signed_job(iot, a: argparse.Namespace, argv: list[str], make) -> Optional[d
     return doc
 
 
+STREAM_ROLE = "arn:aws:iam::123456789012:role/iotjobs-streams"  # jobsd does not check roles
+
+
+def _stream(iot, a: argparse.Namespace, stream_id: str, files: list[tuple[int, str, str]]) -> str:
+    """Create (or, with --force, update) a stream of (fileId, bucket, key) objects: the MQTT
+    way to the same files (STREAMS.md 1). Returns its id."""
+    from botocore.exceptions import ClientError
+
+    spec = [{"fileId": fid, "s3Location": {"bucket": bucket, "key": key}}
+            for fid, bucket, key in files]
+    try:
+        iot.create_stream(streamId=stream_id, files=spec, roleArn=a.role_arn,
+                          description=f"tools/jobs {a.cmd} {a.job_id}")
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "ResourceAlreadyExistsException" or not a.force:
+            raise
+        iot.update_stream(streamId=stream_id, files=spec, roleArn=a.role_arn)
+    return stream_id
+
+
+def _over(doc: dict, protocol: str, stream_id: str, file_id: int = 0) -> dict:
+    """A document that fetches over `protocol`: "http" as signed, "mqtt" (the stream instead of
+    the URL) or "both" (the device picks by its `transfer` setting)."""
+    if protocol == "http":
+        return doc
+    ota = doc.get("afr_ota")
+    if isinstance(ota, dict):
+        ota["protocols"] = ["MQTT", "HTTP"] if protocol == "both" else ["MQTT"]
+        ota["streamname"] = stream_id
+        if protocol == "mqtt":
+            for f in ota["files"]:
+                f.pop("update_data_url", None)
+                f.pop("auth_scheme", None)
+        return doc
+    doc["stream"] = {"id": stream_id, "fileId": file_id}
+    if protocol == "mqtt":
+        doc.pop("url", None)
+    return doc
+
+
 def cmd_ota(iot, a: argparse.Namespace) -> int:
-    """Sign a firmware image, place it in jobsd's files folder, create the OTA job: one step."""
+    """Sign a firmware image, place it in jobsd's files folder, create the OTA job: one step.
+    `--protocol mqtt` also makes it a stream and sends the device there instead (one TLS
+    session on the device)."""
     from . import sign
 
     argv = ["image", a.image, "--key", a.key, "--bucket", a.bucket, "--files", a.files]
@@ -97,11 +139,55 @@ def cmd_ota(iot, a: argparse.Namespace) -> int:
         argv += ["--version", a.version]
     if a.afr_ota:
         argv += ["--afr-ota"]
-    doc = _signed_job(iot, a, argv, sign.image)
+    key = os.path.basename(a.image)
+
+    def make(args):
+        doc = sign.image(args)
+        if a.protocol != "http":
+            _over(doc, a.protocol, _stream(iot, a, a.job_id, [(0, a.bucket, key)]))
+        return doc
+
+    doc = _signed_job(iot, a, argv, make)
     if doc is None:
         return 2
     print(f"created OTA job {a.job_id}: {os.path.basename(a.image)} "
-          f"({doc.get('size') or doc['afr_ota']['files'][0]['filesize']} bytes, signed)")
+          f"({doc.get('size') or doc['afr_ota']['files'][0]['filesize']} bytes, signed"
+          + (f", stream {a.job_id}" if a.protocol != "http" else "") + ")")
+    return 0
+
+
+def cmd_download(iot, a: argparse.Namespace) -> int:
+    """Publish a file to jobsd's files folder and create a download-file job for it (its
+    sha256 checked on the device), over HTTP (a presigned URL) or MQTT (a stream)."""
+    import hashlib
+
+    from . import sign
+
+    if not a.thing and not a.group:
+        print("jobs: name at least one --thing or --group", file=sys.stderr)
+        return 2
+    if not os.path.isfile(a.file):
+        print(f"jobs: {a.file} is not a regular file", file=sys.stderr)
+        return 2
+    try:
+        sign.check_bucket(a.bucket)
+        key = sign.check_key(a.key_name or os.path.basename(a.file))
+        sign.put_object(os.path.join(a.files, a.bucket), key, src=a.file, force=a.force)
+    except sign.SignError as e:
+        print(f"jobs: {e}", file=sys.stderr)
+        return 2
+    with open(a.file, "rb") as f:
+        data = f.read()
+    doc: dict[str, Any] = {"operation": "download-file", "url": sign.presigned(a.bucket, key),
+                           "path": a.path, "sha256": hashlib.sha256(data).hexdigest(),
+                           "size": len(data)}
+    if a.protocol != "http":
+        _over(doc, a.protocol, _stream(iot, a, a.job_id, [(0, a.bucket, key)]))
+    iot.create_job(jobId=a.job_id, targets=_targets(iot, a.thing, a.group),
+                   document=json.dumps(doc, separators=(",", ":")),
+                   targetSelection="CONTINUOUS" if a.continuous else "SNAPSHOT")
+    print(f"created download job {a.job_id}: {os.path.basename(a.file)} -> {a.path} "
+          f"({len(data)} bytes, {a.protocol})")
     return 0
 
 
@@ -274,10 +360,29 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--bucket", default="firmware", help="bucket (first folder under --files)")
     o.add_argument("--version", help="the image's version (the device refuses downgrades)")
     o.add_argument("--afr-ota", action="store_true", help="AWS OTA (afr_ota) document")
-    o.add_argument("--force", action="store_true", help="replace an object that differs")
+    o.add_argument("--force", action="store_true", help="replace an object (and stream) that differs")
     o.add_argument("--thing", action="append", default=[])
     o.add_argument("--group", action="append", default=[])
     o.add_argument("--continuous", action="store_true")
+    o.add_argument("--protocol", choices=["http", "mqtt", "both"], default="http",
+                   help="http: a presigned URL; mqtt: a stream named after the job (one TLS "
+                        "session on the device); both: the device picks (default http)")
+    o.add_argument("--role-arn", default=STREAM_ROLE, help="the stream's role (AWS)")
+    dl = sub.add_parser("download", help="publish a file to jobsd's files folder and create a "
+                                         "download-file job for it, over HTTP or MQTT")
+    dl.add_argument("job_id")
+    dl.add_argument("--file", required=True, help="the file to send")
+    dl.add_argument("--path", required=True, help="where it goes on the device (relative to its "
+                                                  "download folder)")
+    dl.add_argument("--files", required=True, metavar="DIR", help="jobsd's --files folder")
+    dl.add_argument("--bucket", default="files", help="bucket (first folder under --files)")
+    dl.add_argument("--key-name", metavar="K", help="object key (default: the file's name)")
+    dl.add_argument("--protocol", choices=["http", "mqtt", "both"], default="http")
+    dl.add_argument("--role-arn", default=STREAM_ROLE, help="the stream's role (AWS)")
+    dl.add_argument("--force", action="store_true", help="replace an object (and stream) that differs")
+    dl.add_argument("--thing", action="append", default=[])
+    dl.add_argument("--group", action="append", default=[])
+    dl.add_argument("--continuous", action="store_true")
     p = sub.add_parser("app", help="sign an application folder, publish it to jobsd's files "
                                    "folder and create the app-update job")
     p.add_argument("job_id")
@@ -317,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
 
     iot = client(a)
     try:
-        return {"create": cmd_create, "ota": cmd_ota, "app": cmd_app, "command": cmd_command, "list": cmd_list, "describe": cmd_describe,
+        return {"create": cmd_create, "ota": cmd_ota, "app": cmd_app, "download": cmd_download,
+                "command": cmd_command, "list": cmd_list, "describe": cmd_describe,
                 "cancel": cmd_cancel, "watch": cmd_watch}[a.cmd](iot, a)
     except ClientError as e:
         err = e.response.get("Error", {})
