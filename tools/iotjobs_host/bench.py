@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench_jobsd
 
     ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
-    ap.add_argument("--only", choices=["device", "jobsd", "heap", "heaps"],
+    ap.add_argument("--only", choices=["device", "jobsd", "streams", "heap", "heaps"],
                     help="heap: devsim's default heap figures on --image; heaps: the smallest "
                          "heap of each job type on --images (build/heaps.json, read by make size)")
     ap.add_argument("--image", choices=["pip", "stock32", "fleet32"], default="pip",
@@ -747,7 +747,24 @@ def main(argv: list[str] | None = None) -> int:
               f"rate = {j['executions_per_s_vs_floor']}x the floor")
         print(f"jobsd: one request at a time: floor p50 {j['floor_rtt_ms_p50']} ms, jobsd p50 "
               f"{j['jobsd_sequential_rtt_ms_p50']} ms = {j['jobsd_sequential_vs_floor']}x")
-    with open(os.path.join(BUILD, "bench.json"), "w") as f:
+    if args.only in (None, "jobsd", "streams"):
+        from .bench_streams import bench_streams
+
+        st = result["streams"] = {fmt: bench_streams(work=os.path.join(work, "streams-" + fmt),
+                                                     fmt=fmt) for fmt in ("json", "cbor")}
+        for fmt, r in st.items():
+            print(f"jobsd streams ({fmt}): 1 MiB in 4 KiB blocks, {r['blocks_per_request']} per request, "
+                  f"one request in flight: {r['jobsd']['blocks_per_s']} blocks/s "
+                  f"({r['jobsd']['mib_per_s']} MiB/s); the broker's own floor "
+                  f"{r['floor']['blocks_per_s']} blocks/s = {r['jobsd_vs_floor']}x")
+    path = os.path.join(BUILD, "bench.json")
+    if args.only:  # a partial run updates its part of the last full one
+        try:
+            with open(path) as f:
+                result = dict(json.load(f), **result)
+        except (OSError, ValueError):
+            pass
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print("written to build/bench.json")
     return 0
