@@ -253,3 +253,50 @@ def test_netproxy_cut_restore_drop_and_stop(mosquitto):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", p.port), timeout=1).close()
 
+
+
+def test_proxy_cuts_after_a_byte_count_and_counts_connections():
+    """netproxy.cut_after(n): the link goes dead once n more bytes have gone down to the
+    client (a cut at a chosen point of a transfer); max_open counts connections open at once."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    sent = threading.Event()
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(1)
+            conn.sendall(b"x" * 100_000)
+            sent.set()
+            conn.recv(1)  # held open until the client goes
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with Proxy(server.getsockname()[1]) as p:
+        p.cut_after(30_000)
+        client = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        client.sendall(b"g")
+        got = 0
+        while got < 30_000:  # up to the cut (10 s per read at most)
+            got += len(client.recv(65536))
+        assert p.cut_fired.wait(10) and p.is_cut
+        client.settimeout(0.5)  # what was already on its way still arrives; then nothing
+        try:
+            while got < 100_000:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                got += len(chunk)
+        except TimeoutError:
+            pass
+        assert 30_000 <= got < 100_000, got
+        assert p.max_open == 1 and p.accepted == 1
+        p.restore()
+        client.settimeout(10)
+        while got < 100_000:
+            got += len(client.recv(65536))
+        assert got == 100_000
+        client.close()
+    server.close()

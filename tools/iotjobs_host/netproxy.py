@@ -53,6 +53,10 @@ class Proxy:
         self._listener.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
         self.accepted = 0  # connections accepted since start (a reconnect adds one)
+        self.max_open = 0  # the most connections open at once since start
+        self.down_bytes = 0  # bytes passed on to the clients since start
+        self._cut_at: int | None = None
+        self.cut_fired = threading.Event()  # set when a cut_after() cut took effect
         self._cut = False
         self._conns: list[_Conn] = []
         self._registered: dict[socket.socket, int] = {}
@@ -81,6 +85,12 @@ class Proxy:
     def cut(self) -> None:
         """Blackhole every connection, present and future, without closing any."""
         self._command("cut")
+
+    def cut_after(self, nbytes: int) -> None:
+        """Blackhole every connection (as cut()) once `nbytes` more bytes have gone down to the
+        clients: a cut at a chosen point of a transfer, whatever its speed."""
+        self.cut_fired.clear()
+        self._cut_at = self.down_bytes + nbytes
 
     def restore(self) -> None:
         self._command("restore")
@@ -182,6 +192,7 @@ class Proxy:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = _Conn(s)
             self._conns.append(c)
+            self.max_open = max(self.max_open, self.open_connections())
             if not self._cut:
                 self._connect_target(c)
 
@@ -254,6 +265,12 @@ class Proxy:
             self._close(c)
             return
         del buf[:n]
+        if side == 0:
+            self.down_bytes += n
+            if self._cut_at is not None and self.down_bytes >= self._cut_at:
+                self._cut_at = None
+                self._cut = True
+                self.cut_fired.set()
 
     def _close(self, c: _Conn) -> None:
         for s in c.socks:
