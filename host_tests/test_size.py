@@ -52,9 +52,9 @@ def heaps(fleet_ota=42):
         return {"tls": tls, "plain": tls - 2}
 
     return {"stock32": {"noop": both(64), "command": both(64), "download": both(80),
-                        "ota": both(92), "app_update": both(100)},
+                        "ota": both(92), "ota_mqtt": both(70), "app_update": both(100)},
             "fleet32": {"noop": both(22), "command": both(24), "download": both(30),
-                        "ota": both(fleet_ota), "app_update": both(41)}}
+                        "ota": both(fleet_ota), "ota_mqtt": both(30), "app_update": both(41)}}
 
 
 def test_evaluate_covers_every_board_configuration_and_job():

@@ -142,11 +142,12 @@ class Bench:
         return srv
 
     def ota(self, heap_kb: int, size: int = 1 << 20, timeout: float = 60,
-            tls: bool = True) -> float | None:
+            tls: bool = True, mqtt: bool = False) -> float | None:
         """A signed firmware update of `size` bytes: seconds from the job's start-next to its
         "rebooting" report (download, hash, signature, set_boot), or None if it failed. `tls`:
         MQTT over TLS and the image over HTTPS (two TLS sessions at once, as on AWS); else plain
-        MQTT and the image over HTTP from jobsd's presigned URL."""
+        MQTT and the image over HTTP from jobsd's presigned URL. `mqtt`: the image comes over
+        the MQTT connection instead (a jobsd stream; one TLS session)."""
         import base64
         import hashlib
 
@@ -159,7 +160,15 @@ class Bench:
         img = make_image("2.0.0", size=size)
         self.n += 1
         thing = f"ota-{self.n}"
-        if tls:
+        if mqtt:
+            os.makedirs(os.path.join(self.files, "fw"), exist_ok=True)
+            with open(os.path.join(self.files, "fw", f"{thing}.bin"), "wb") as f:
+                f.write(img)
+            self.jobsd.iot.create_stream(
+                streamId=thing, roleArn="arn:aws:iam::123456789012:role/bench",
+                files=[{"fileId": 0, "s3Location": {"bucket": "fw", "key": f"{thing}.bin"}}])
+            url, allow = None, None
+        elif tls:
             url, allow = self.https(img).url + "fw/bench.bin", "https://localhost:"
         else:
             os.makedirs(os.path.join(self.files, "fw"), exist_ok=True)
@@ -175,8 +184,13 @@ class Bench:
         doc = {"operation": "ota", "url": url,
                "size": len(img), "sha256": hashlib.sha256(img).hexdigest(), "version": "2.0.0",
                "signature": base64.b64encode(key.sign(img, ec.ECDSA(hashes.SHA256()))).decode()}
+        config: dict = {"ota": {"pubkey": pub, "allow": [allow] if allow else []}}
+        if mqtt:
+            del doc["url"]
+            doc["stream"] = {"id": thing, "fileId": 0}
+            config["transfer"] = "mqtt"
         self.jobsd.iot.create_job(jobId=f"{thing}-job", targets=[ARN + thing], document=json.dumps(doc))
-        times = self.fresh_job(thing, heap_kb, {"ota": {"pubkey": pub, "allow": [allow]}}, timeout, tls)
+        times = self.fresh_job(thing, heap_kb, config, timeout, tls)
         return None if times is None else times["rebooting"] - times["start"]
 
     def download(self, heap_kb: int, size: int = 256 * 1024, tls: bool = True,
@@ -406,6 +420,8 @@ class Bench:
                 lambda kb, t=tls: self.download(kb, tls=t) is not None, 8, 224)
             out.setdefault("ota", {})[key] = self.smallest_heap_kb(
                 lambda kb, t=tls: self.ota(kb, tls=t) is not None, 8, 224)
+            out.setdefault("ota_mqtt", {})[key] = self.smallest_heap_kb(
+                lambda kb, t=tls: self.ota(kb, tls=t, mqtt=True) is not None, 8, 224)
             out.setdefault("app_update", {})[key] = self.smallest_heap_kb(
                 lambda kb, t=tls: self.app_update(kb, tls=t) is not None, 8, 224)
         return out
@@ -537,7 +553,7 @@ def ecdsa_ms(image: str = "pip") -> float:
 
 
 HEAPS = os.path.join(BUILD, "heaps.json")
-JOBS = ("noop", "command", "download", "ota", "app_update")
+JOBS = ("noop", "command", "download", "ota", "ota_mqtt", "app_update")
 
 
 def heap_fingerprint(image: str) -> str:
@@ -603,6 +619,7 @@ def device_figures(work: str, image: str = "pip") -> dict:
         tp = b.throughput()
         floor = b.floor()
         ota_s = b.ota(192)
+        ota_mqtt_s = b.ota(192, mqtt=True)
         app = b.app_update(heap_kb=224)
         cmd = b.command_latency()
         if app:
@@ -629,6 +646,9 @@ def device_figures(work: str, image: str = "pip") -> dict:
         "ota_1mib_s": round(ota_s, 3) if ota_s else None,
         "ota_kib_per_s": round(1024 / ota_s) if ota_s else None,
         "ota_heap_min_kb": heaps["ota"]["tls"],
+        "ota_mqtt_1mib_s": round(ota_mqtt_s, 3) if ota_mqtt_s else None,
+        "ota_mqtt_blocks_per_s": round(256 / ota_mqtt_s) if ota_mqtt_s else None,
+        "ota_mqtt_heap_min_kb": heaps["ota_mqtt"]["tls"],
         "ecdsa_verify_ms": ecdsa_ms(image),
         "app_update": app,
         "command_ping": cmd,
@@ -649,6 +669,7 @@ def _side_by_side(figures: dict) -> None:
             ("ping command, TLS / plain (KB)", both("command")),
             ("download-file 256 KiB, TLS / plain (KB)", both("download")),
             ("1 MiB signed OTA, TLS / plain (KB)", both("ota")),
+            ("1 MiB signed OTA over MQTT (a stream), TLS / plain (KB)", both("ota_mqtt")),
             ("app-update 17 files, TLS / plain (KB)", both("app_update")),
             ("ping then a steps job, TLS (KB)", lambda d: str(d["heap_min_kb_ping_then_steps"])),
             ("code in the heap (bytes)", lambda d: str(d["code_heap_bytes"])),
@@ -720,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"device: 1 MiB signed firmware OTA on loopback    : {d['ota_1mib_s']} s "
                   f"({d['ota_kib_per_s']} KiB/s, download+hash+ECDSA+set_boot); smallest heap "
                   f"{d['ota_heap_min_kb']} KB; ECDSA verify {d['ecdsa_verify_ms']} ms")
+            print(f"device: 1 MiB signed OTA over MQTT (a stream)   : {d['ota_mqtt_1mib_s']} s "
+                  f"(over HTTPS {d['ota_1mib_s']} s); smallest heap {d['ota_mqtt_heap_min_kb']} KB "
+                  f"(HTTPS {d['ota_heap_min_kb']} KB)")
             a = d["app_update"] or {}
             print(f"device: app-update, {a.get('files')} files / {a.get('bytes')} bytes  : staged, "
                   f"verified and switched in {a.get('staged_s')} s; confirmed after the reset at "

@@ -17,7 +17,7 @@ The model (ESP32-MEMORY.md s1 and s2):
   the heap never grows;
 - mbedTLS lives in the ESP-IDF heap: the sessions open at once hold tls_session_held_kb each, and
   the one being set up needs tls_handshake_peak_kb at its handshake; a job that downloads over
-  HTTPS holds two (MQTT and HTTPS), the others one;
+  HTTPS holds two (MQTT and HTTPS), the others one (an update over MQTT, a stream, included);
 - the margin is the smaller of what is left of the GC heap and of the ESP-IDF heap. Where a board
   has no known ESP-IDF reserve (null in board.json), the verdict says so (UNKNOWN) instead of
   guessing.
@@ -37,6 +37,7 @@ CONFIGS = {"stock": "stock32", "frozen": "fleet32"}  # configuration -> the imag
 RECOMMENDED = ("frozen",)  # README recommends the frozen image on every ESP32 board
 JOBS = (("noop", "no-op job", 1), ("command", "ping command", 1),
         ("download", "download-file over HTTPS", 2), ("ota", "1 MiB signed OTA over HTTPS", 2),
+        ("ota_mqtt", "1 MiB signed OTA over MQTT", 1),
         ("app_update", "app-update, 17 files over HTTPS", 2))
 FACTS = ("gc_heap_boot_kb", "gc_heap_grown_kb", "idf_reserve_kb", "tls_session_held_kb",
          "tls_handshake_peak_kb")
