@@ -1408,16 +1408,17 @@ class Service:
 
     def set_test_hooks(self, body: dict[str, Any]) -> dict[str, Any]:
         """`PUT /_jobsd/test-hooks` (only with --test-hooks): `streamFault` = "InternalError"
-        makes every stream request fail so, null clears it; `streamStrictEof` switches the
-        past-the-end rule of GetStream requests without `n`."""
+        makes every stream request fail so, "Silent" leaves every stream request unanswered (a
+        service that says nothing, STREAMS.md 11.23), null clears it; `streamStrictEof` switches
+        the past-the-end rule of GetStream requests without `n`."""
         if not self.test_hooks:
             raise ApiError("UnknownOperationException", 404,
                            "test hooks are off (start jobsd with --test-hooks)")
         with self.lock:
             if "streamFault" in body:
                 fault = body["streamFault"]
-                if fault not in (None, "InternalError"):
-                    raise sts.invalid("streamFault must be InternalError or null")
+                if fault not in (None, "InternalError", "Silent"):
+                    raise sts.invalid("streamFault must be InternalError, Silent or null")
                 self.stream_fault = fault
             if "streamStrictEof" in body:
                 if not isinstance(body["streamStrictEof"], bool):
