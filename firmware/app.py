@@ -9,8 +9,11 @@
 #    "download": {"root": "data", "allow": ["https://my-bucket.s3.amazonaws.com/"], "ca": "..."},
 #    "ota": {"pubkey": "certs/ota-pub.der", "allow": [...]},
 #    "app": {"root": "app.d", "max_tries": 3, "allow": [...], "pubkey": ..., "settings": {...}},
-#    "commands": true}
+#    "commands": true, "transfer": "mqtt", "stream": {"block": 0, "idle_ms": 10000, "tries": 8}}
 # "app": false turns application updates off; pubkey and allow default to those of "ota".
+# "transfer" is how OTA images, app bundles and downloads come when a job document offers both
+# ways: "mqtt" (a stream over the jobs connection: one TLS session) or "http"; the default is
+# the board's (board.json), else "mqtt". "stream" tunes iotjobs.stream (block 0: from the heap).
 # "tls" absent means plain TCP (only for a local broker).
 import json
 import os
@@ -122,6 +125,16 @@ def _lazy(module, cls, **kw):
 
         _Lazy = Lazy
     return _Lazy(module, cls, kw)
+
+
+def transfer(cfg):
+    """"mqtt" or "http": config.json's "transfer", else the board's default, else "mqtt" (an
+    ESP32 without PSRAM holds one TLS session, not two)."""
+    t = cfg.get("transfer")
+    if t not in ("mqtt", "http"):
+        board = getattr(platform, "board", None)
+        t = board().get("transfer") if board is not None else None
+    return t if t in ("mqtt", "http") else "mqtt"
 
 
 def download_context(cfg):
@@ -240,9 +253,11 @@ def build(cfg):
     dl = cfg.get("download") or {}
     ota = cfg.get("ota") or {}
     app = app_config(cfg)
+    way = transfer(cfg)
+    sopts = cfg.get("stream") if isinstance(cfg.get("stream"), dict) else None
     ota_kw = {"platform": platform, "pubkey": _read(ota["pubkey"]) if ota.get("pubkey") else None,
               "allow": ota.get("allow", dl.get("allow", ())),
-              "ssl_context": lambda: download_context(cfg)}
+              "ssl_context": lambda: download_context(cfg), "transfer": way, "stream": sopts}
     ota_handler = _lazy("iotjobs.ota", "Ota", **ota_kw)
     handlers = {
         "ota": ota_handler,
@@ -251,7 +266,8 @@ def build(cfg):
         "reboot": _lazy("iotjobs.reboot", "Reboot"),
         "download-file": _lazy("iotjobs.download", "Download", root=dl.get("root", "data"),
                                allow=dl.get("allow", ()),
-                               ssl_context=lambda: download_context(cfg)),
+                               ssl_context=lambda: download_context(cfg), transfer=way,
+                               stream=sopts),
     }
     state = None
     if app is not None:
@@ -272,7 +288,8 @@ def build(cfg):
                                        state=lambda: state or app_state(),
                                        pubkey=_read(pub) if pub else None,
                                        allow=app.get("allow", ota.get("allow", dl.get("allow", ()))),
-                                       ssl_context=lambda: download_context(cfg))
+                                       ssl_context=lambda: download_context(cfg),
+                                       transfer=way, stream=sopts)
     if cfg.get("test_handlers"):
         import testhandlers
 

@@ -4,7 +4,8 @@
 #
 # Board settings come from /board.json in the flash root:
 #   {"board": "ESP32_GENERIC", "chip": "esp32", "led_pin": 2, "led_active_low": false,
-#    "wdt_ms": 30000, "heap_budget_kb": 100}   (other keys are for the host tools)
+#    "wdt_ms": 30000, "heap_budget_kb": 100, "transfer": "mqtt"}   (other keys are for the
+#    host tools; "transfer" is the default way update files come, firmware/app.py)
 # A missing or malformed file, or a wrong-typed value, gives the safe default for that key: no
 # LED, no watchdog (once started machine.WDT cannot be stopped, so it is only started when a
 # board asks for it).
@@ -76,7 +77,7 @@ _APP_DESC_OFFSET = const(32)  # sizeof(esp_image_header_t) + sizeof(esp_image_se
 _APP_DESC_MAGIC = 0xABCD5432
 
 _DEFAULTS = {"board": "ESP32_GENERIC", "chip": "esp32", "led_pin": None, "led_active_low": False,
-             "wdt_ms": 0, "heap_budget_kb": 100}
+             "wdt_ms": 0, "heap_budget_kb": 100, "transfer": "mqtt"}
 
 # LED patterns: durations in ms, alternately on and off, repeated; () is off, (n,) steady on.
 # Every phase is >= 250 ms so a tick every 250 ms or faster shows them all.
@@ -114,6 +115,8 @@ def _valid(key, v):
         return type(v) is int and (v == 0 or v >= 1000)
     if key == "heap_budget_kb":
         return type(v) is int and v > 0
+    if key == "transfer":  # how update files come: "mqtt" (one TLS session) or "http"
+        return v in ("mqtt", "http")
     return type(v) is str
 
 

@@ -82,14 +82,15 @@ def board_from(text, log=None):
 def test_board_json_missing_gives_defaults():
     b = P.load_board("/nonexistent/board.json")
     assert b == {"board": "ESP32_GENERIC", "chip": "esp32", "led_pin": None,
-                 "led_active_low": False, "wdt_ms": 0, "heap_budget_kb": 100}
+                 "led_active_low": False, "wdt_ms": 0, "heap_budget_kb": 100, "transfer": "mqtt"}
 
 
 def test_board_json_read():
     b = board_from('{"board": "ESP32_GENERIC_S3", "chip": "esp32s3", "led_pin": 48,'
-                   ' "led_active_low": true, "wdt_ms": 30000, "heap_budget_kb": 96, "x": 1}')
+                   ' "led_active_low": true, "wdt_ms": 30000, "heap_budget_kb": 96, "x": 1,'
+                   ' "transfer": "http"}')
     assert b == {"board": "ESP32_GENERIC_S3", "chip": "esp32s3", "led_pin": 48,
-                 "led_active_low": True, "wdt_ms": 30000, "heap_budget_kb": 96}
+                 "led_active_low": True, "wdt_ms": 30000, "heap_budget_kb": 96, "transfer": "http"}
 
 
 def test_board_json_malformed_gives_defaults():
@@ -105,10 +106,11 @@ def test_board_json_malformed_gives_defaults():
 def test_board_json_bad_values_keep_defaults():
     log = Log()
     b = board_from('{"led_pin": "2", "led_active_low": 1, "wdt_ms": 500,'
-                   ' "heap_budget_kb": 0, "board": "ESP32_GENERIC_C3", "chip": 3}', log)
+                   ' "heap_budget_kb": 0, "board": "ESP32_GENERIC_C3", "chip": 3,'
+                   ' "transfer": "ftp"}', log)
     assert b == {"board": "ESP32_GENERIC_C3", "chip": "esp32", "led_pin": None,
-                 "led_active_low": False, "wdt_ms": 0, "heap_budget_kb": 100}
-    assert len(log.lines) == 5  # one warning per rejected value
+                 "led_active_low": False, "wdt_ms": 0, "heap_budget_kb": 100, "transfer": "mqtt"}
+    assert len(log.lines) == 6  # one warning per rejected value
 
 
 # -- Wi-Fi ---------------------------------------------------------------------------------------

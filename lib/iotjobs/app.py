@@ -2,12 +2,17 @@
 # B64, "base": URL/, "urls": {path: URL}, "version": V, "allowDowngrade": false}` as
 # `tools/sign bundle` writes it. The manifest `{"files": [{"path", "size", "sha256"}], "version"}`
 # is signed (ECDSA P-256 over its SHA-256, the key from the device config).
+# Over MQTT (iotjobs.stream, no second TLS session) the bundle is one stream: `"stream": {"id":
+# S, "manifest": 0, "files": {path: fileId}}` in place of (or beside) manifest/base/urls. The
+# manifest is file `manifest` (default 0); without `files`, the k-th file of the manifest is
+# file k + 1 (the manifest first, then the files in manifest order). The configuration's
+# `transfer` picks the way when a document offers both; the checks are the same.
 #
 # 1. fetch the manifest (at most 16 KB), verify its signature, check every path (relative,
 #    no `..`, safe characters) and the free space;
 # 2. stage: empty the folder that does not run (appstate.AppState.other) and download each file
-#    into it (HTTP Range after a power cut or a lost link), checking its size and SHA-256;
-#    one checkpoint per file and every 64 KB;
+#    into it (HTTP Range, or the stream's bitmap, after a power cut or a lost link), checking
+#    its size and SHA-256; one checkpoint per file and every 64 KB;
 # 3. verify every staged file again from flash, then switch: one atomic write of the pointer
 #    file (appstate), then reboot;
 # 4. after the boot the new version starts on trial; once the device has reached the service
@@ -22,7 +27,7 @@ import os
 from micropython import const
 from .runner import Handler, JobFailed, JobRejected
 from .version import newer
-from .download import confine, fetch_file, _mkdirs
+from .download import confine, fetch_file, fetch_stream, _mkdirs
 from . import http
 
 _MANIFEST_MAX = const(16384)
@@ -51,18 +56,31 @@ def rmtree(path):
 
 
 def params(doc):
-    """(manifest url, signature bytes, base url or None, urls dict, version, downgrade ok)."""
+    """(manifest url or None, stream or None, signature bytes, base url or None, urls dict,
+    version, downgrade ok). The stream is (id, manifest file id, {path: file id} or None)."""
     url, sig, base = doc.get("manifest"), doc.get("signature"), doc.get("base")
     urls, version = doc.get("urls") or {}, doc.get("version")
-    if not isinstance(url, str):
+    ref = doc.get("stream")
+    if ref is not None:
+        from .stream import stream_ref
+
+        files = ref.get("files") if isinstance(ref, dict) else None
+        if files is not None and not isinstance(files, dict):
+            raise JobRejected("BAD_ARGUMENT", "stream.files must map paths to file ids")
+        sid, fid = stream_ref({"id": ref.get("id") if isinstance(ref, dict) else None,
+                               "fileId": ref.get("manifest", 0) if isinstance(ref, dict) else 0})
+        ref = (sid, fid, files)
+    if ref is None and not isinstance(url, str):
         raise JobRejected("BAD_ARGUMENT", "manifest URL missing")
+    if url is not None and not isinstance(url, str):
+        raise JobRejected("BAD_ARGUMENT", "manifest must be a URL")
     if not isinstance(version, str) or not version:
         raise JobRejected("BAD_ARGUMENT", "version missing")
     if base is not None and not isinstance(base, str):
         raise JobRejected("BAD_ARGUMENT", "base must be a URL")
     if not isinstance(urls, dict):
         raise JobRejected("BAD_ARGUMENT", "urls must map paths to URLs")
-    if base is None and not urls:
+    if ref is None and base is None and not urls:
         raise JobRejected("BAD_ARGUMENT", "neither base nor urls: the files cannot be fetched")
     if not isinstance(sig, str) or not sig:
         raise JobRejected("NO_SIGNATURE", "the manifest must be signed")
@@ -70,7 +88,7 @@ def params(doc):
         sig = binascii.a2b_base64(sig)
     except ValueError:
         raise JobRejected("BAD_SIGNATURE", "signature is not base64")
-    return url, sig, base, urls, version, doc.get("allowDowngrade") is True
+    return url, ref, sig, base, urls, version, doc.get("allowDowngrade") is True
 
 
 def parse_manifest(data, version):
@@ -106,19 +124,27 @@ def parse_manifest(data, version):
 
 
 class AppUpdate(Handler):
-    def __init__(self, state, pubkey, allow=(), ssl_context=None):
+    def __init__(self, state, pubkey, allow=(), ssl_context=None, transfer="mqtt", stream=None):
         # appstate.AppState of this boot, or a function that makes it (on first use)
         self.state = state() if callable(state) else state
         self.pubkey = pubkey
         self.allow = allow
         self.ssl_context = ssl_context
         self.buf = bytearray(_BUF)
+        self.transfer = transfer  # "mqtt" or "http": the way a document offering both is fetched
+        self.stream = stream or {}  # iotjobs.stream.Fetch options (block, idle_ms, tries)
+
+    def _ref(self, doc):
+        """The bundle's stream when it is to be fetched over MQTT, else None (HTTP)."""
+        url, ref = params(doc)[:2]
+        return ref if ref is not None and (url is None or self.transfer != "http") else None
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, ctx, doc):
-        url, sig, base, urls, version, down = params(doc)
+        url, _, sig, base, urls, version, down = params(doc)
+        ref = self._ref(doc)
         st = self.state
-        if not http.allowed(url, self.allow):
+        if ref is None and not http.allowed(url, self.allow):
             raise JobRejected("URL_NOT_ALLOWED", "the manifest URL is outside the allowlist")
         if not self.pubkey:
             raise JobRejected("NO_PUBLIC_KEY", "no signing key configured")
@@ -132,7 +158,7 @@ class AppUpdate(Handler):
         rmtree(stage)  # what an earlier, unfinished update left there
         rmtree(stage + ".json")
         _mkdirs(stage + "/x")
-        data = self._manifest(ctx, url)
+        data = self._manifest(ctx, url) if ref is None else self._manifest_stream(ctx, ref)
         entries = self._verified(data, sig, version)
         gc.collect()
         need = 0
@@ -147,6 +173,28 @@ class AppUpdate(Handler):
         ctx.checkpoint({"p": "stage", "slot": slot, "i": 0})
         ctx.point("app-manifest")
         return self._stage(ctx, doc, slot, entries, 0)
+
+    def _manifest_stream(self, ctx, ref):
+        from . import stream
+
+        data = None
+
+        def size(z):
+            nonlocal data
+            if z > _MANIFEST_MAX:
+                raise JobFailed("BAD_MANIFEST", "the manifest is over %d bytes" % _MANIFEST_MAX)
+            gc.collect()  # one contiguous block for the manifest
+            data = bytearray(z)
+
+        def put(off, block):
+            data[off:off + len(block)] = block
+
+        opts = self.stream
+        f = stream.Fetch(ctx.runner.client, ref[0], ref[1], put, None, opts.get("block", 0), None,
+                         opts.get("idle_ms", stream.IDLE_MS), opts.get("tries", stream.TRIES),
+                         log=ctx.runner.log)
+        f.run(ctx, None, size)
+        return data
 
     def _manifest(self, ctx, url):
         def once(u):
@@ -198,14 +246,31 @@ class AppUpdate(Handler):
         base = doc.get("base") if isinstance(doc, dict) else None
         return base + path if isinstance(base, str) else None
 
-    def _stage(self, ctx, doc, slot, entries, first):
+    def _stage(self, ctx, doc, slot, entries, first, cp=None):
         st = self.state
         stage = st.folder(slot)
         mv = memoryview(self.buf)
         n = len(entries)
+        ref = self._ref(doc)
         for i in range(first, n):
             path, size, sha = entries[i]
             target = stage + "/" + path
+            if ref is not None:
+                _mkdirs(target)
+                gc.collect()
+                fid = ref[2].get(path) if ref[2] is not None else i + 1
+                if not isinstance(fid, int) or isinstance(fid, bool) or not 0 <= fid <= 255:
+                    raise JobFailed("BAD_ARGUMENT", "%s: no file id in the stream" % path,
+                                    file=path)
+                state = cp.get("st") if i == first and isinstance(cp, dict) else None
+
+                def save(s, i=i):
+                    ctx.checkpoint({"p": "stage", "slot": slot, "i": i, "st": s})
+
+                total, h = fetch_stream(ctx, (ref[0], fid), target, size, state, self.buf,
+                                        self.stream, save)
+                self._check(ctx, path, size, sha, total, h.digest(), i, n, slot)
+                continue
             url = self._url(doc, path)
             if url is None or not http.allowed(url, self.allow):
                 raise JobFailed("URL_NOT_ALLOWED", "%s: no URL inside the allowlist" % path)
@@ -235,14 +300,7 @@ class AppUpdate(Handler):
                 total, h = fetch_file(ctx, url, target, self.buf, refresh, self.ssl_context,
                                       on_checkpoint)
                 digest = h.digest()
-            if total != size:
-                raise JobFailed("SIZE_MISMATCH", "%s: got %d bytes, expected %d"
-                                % (path, total, size), file=path)
-            if digest != sha:
-                raise JobFailed("HASH_MISMATCH", "sha256 of %s differs" % path, file=path)
-            ctx.checkpoint({"p": "stage", "slot": slot, "i": i + 1})
-            ctx.point("app-file")
-            ctx.progress(files="%d/%d" % (i + 1, n))
+            self._check(ctx, path, size, sha, total, digest, i, n, slot)
         # Every file once more, as it is in flash now: what runs after the switch is what
         # was signed, whatever happened during the staging.
         for path, size, sha in entries:
@@ -267,6 +325,16 @@ class AppUpdate(Handler):
         ctx.progress(True, step="rebooting", app=version)
         ctx.request_reboot()
 
+    def _check(self, ctx, path, size, sha, total, digest, i, n, slot):
+        if total != size:
+            raise JobFailed("SIZE_MISMATCH", "%s: got %d bytes, expected %d"
+                            % (path, total, size), file=path)
+        if digest != sha:
+            raise JobFailed("HASH_MISMATCH", "sha256 of %s differs" % path, file=path)
+        ctx.checkpoint({"p": "stage", "slot": slot, "i": i + 1})
+        ctx.point("app-file")
+        ctx.progress(files="%d/%d" % (i + 1, n))
+
     # -- after a reset -------------------------------------------------------------------------
     def resume(self, ctx, doc, cp):
         p = cp.get("p") if isinstance(cp, dict) else None
@@ -275,7 +343,8 @@ class AppUpdate(Handler):
             slot = cp.get("slot")
             if slot != st.other() or not isinstance(cp.get("i"), int):
                 return self.run(ctx, doc)
-            url, sig, base, urls, version, down = params(doc)
+            p = params(doc)
+            sig, version = p[2], p[5]
             try:
                 mpath = st.folder(slot) + ".json"
                 if os.stat(mpath)[6] > _MANIFEST_MAX:
@@ -285,7 +354,7 @@ class AppUpdate(Handler):
                 entries = self._verified(data, sig, version)
             except (OSError, JobFailed):
                 return self.run(ctx, doc)  # the manifest did not survive: start over
-            return self._stage(ctx, doc, slot, entries, cp["i"])
+            return self._stage(ctx, doc, slot, entries, cp["i"], cp)
         if p != "switch":
             return self.run(ctx, doc)
         slot, seq = cp.get("slot"), cp.get("seq")

@@ -1,7 +1,10 @@
 # The download-file handler: native `{"operation": "download-file", "url": ..., "path": ...,
-# "sha256": ..., "size": ...}` and the AWS-Download-File template (`download-file.sh` with
+# "sha256": ..., "size": ...}` (or `"stream": {"id": S, "fileId": F}` instead of, or beside,
+# the URL: the file over the MQTT connection, iotjobs.stream; the configuration's `transfer`
+# picks when both are offered) and the AWS-Download-File template (`download-file.sh` with
 # args [downloadUrl, filePath]). Streams through one reused buffer into `<path>.part`, hashing
-# as it goes, checkpoints the offset now and then so a power cut resumes with HTTP Range, checks
+# as it goes, checkpoints the offset now and then so a power cut resumes with HTTP Range (over
+# MQTT: the stream's bitmap, so only missing blocks are fetched again), checks
 # size and sha256, then renames into place (atomic). The target is confined to the configured
 # folder; the URL must match the configured allowlist. A lost link or a body cut short is
 # resumed with Range (4 retries); an expired presigned URL is signed afresh through describe.
@@ -87,6 +90,39 @@ def fetch_file(ctx, url, path, buf, refresh, ssl_context=None, on_checkpoint=Non
         ctx.point("download-retry")
 
 
+def fetch_stream(ctx, ref, path, size, state, buf, opts, on_checkpoint):
+    """File `ref` = (stream id, file id) over the MQTT connection into `path` (iotjobs.stream),
+    continuing from `state` (a checkpoint) when `path` survived. Returns (bytes, sha256 object
+    of the file as the flash holds it)."""
+    from . import stream
+
+    if not _exists(path):
+        state = None
+    f = stream.Fetch(ctx.runner.client, ref[0], ref[1], None, size, opts.get("block", 0), state,
+                     opts.get("idle_ms", stream.IDLE_MS), opts.get("tries", stream.TRIES),
+                     log=ctx.runner.log)
+    sink = stream.FileSink(path, not f.resumed)
+    f.set_sink(sink)
+    try:
+        total = f.run(ctx, on_checkpoint)
+    finally:
+        sink.close()
+    if _size(path) != total:
+        raise JobFailed("SIZE_MISMATCH", "the file has %d bytes, the stream %d"
+                        % (_size(path), total))
+    h = hashlib.sha256()
+    _hash_file(path, h, total, memoryview(buf))
+    return total, h
+
+
+def _exists(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
 def _hash_file(path, h, n, mv):
     with open(path, "rb") as f:
         while n > 0:
@@ -132,11 +168,14 @@ def _fetch_once(ctx, url, path, buf, ssl_context, on_checkpoint):
 class Download(Handler):
     idempotent = True  # a re-run continues from the .part file, and placing is a rename
 
-    def __init__(self, root="data", allow=(), ssl_context=None, buf=None):
+    def __init__(self, root="data", allow=(), ssl_context=None, buf=None, transfer="mqtt",
+                 stream=None):
         self.root = root
         self.allow = allow
         self.ssl_context = ssl_context
         self.buf = buf or bytearray(_BUF)
+        self.transfer = transfer  # "mqtt" or "http": the way a document offering both is fetched
+        self.stream = stream or {}  # iotjobs.stream.Fetch options (block, idle_ms, tries)
 
     def _args(self, doc):
         args = doc.get("args")
@@ -147,10 +186,22 @@ class Download(Handler):
         return doc.get("url"), doc.get("path"), doc.get("sha256"), doc.get("size")
 
     def run(self, ctx, doc):
+        return self._run(ctx, doc, None)
+
+    def resume(self, ctx, doc, cp):
+        return self._run(ctx, doc, cp)  # HTTP: from what the .part file holds; MQTT: its bitmap
+
+    def _run(self, ctx, doc, cp):
         url, path, sha, size = self._args(doc)
-        if not isinstance(url, str):
+        ref = doc.get("stream")
+        if ref is not None:
+            from .stream import stream_ref
+
+            ref = stream_ref(ref)
+        mqtt = ref is not None and (url is None or self.transfer != "http")
+        if not mqtt and not isinstance(url, str):
             raise JobRejected("BAD_ARGUMENT", "url missing")
-        if not http.allowed(url, self.allow):
+        if not mqtt and not http.allowed(url, self.allow):
             raise JobRejected("URL_NOT_ALLOWED", "the URL is outside the download allowlist")
         if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
             raise JobRejected("BAD_ARGUMENT", "sha256 must be 64 hex digits")
@@ -172,8 +223,13 @@ class Download(Handler):
             ctx.progress(bytes=str(have))
 
         try:
-            total, h = fetch_file(ctx, url, part, self.buf, refresh, self.ssl_context,
-                                  on_checkpoint)
+            if mqtt:
+                st = cp.get("st") if isinstance(cp, dict) else None
+                total, h = fetch_stream(ctx, ref, part, size, st, self.buf, self.stream,
+                                        lambda s: ctx.checkpoint({"st": s}))
+            else:
+                total, h = fetch_file(ctx, url, part, self.buf, refresh, self.ssl_context,
+                                      on_checkpoint)
         except JobFailed:
             _remove(part)  # the job is over: nothing is left behind
             raise

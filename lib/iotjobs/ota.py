@@ -1,20 +1,27 @@
 # Firmware OTA into the ESP32's other app slot (esp32.Partition, reached through the platform
-# module). Documents: native `{"operation": "ota", "url", "size", "sha256", "signature",
-# "version", "allowDowngrade"}` and AWS OTA's `{"afr_ota": {"files": [{"update_data_url",
-# "filesize", "sig-sha256-ecdsa"}]}}` (HTTP protocol).
+# module). Documents: native `{"operation": "ota", "url" and/or "stream": {"id", "fileId"},
+# "size", "sha256", "signature", "version", "allowDowngrade"}` and AWS OTA's `{"afr_ota":
+# {"protocols": ["MQTT", "HTTP"], "streamname", "files": [{"fileid", "update_data_url",
+# "filesize", "sig-sha256-ecdsa"}]}}`. A document that offers both ways is fetched the way the
+# configuration prefers (`transfer`: "mqtt" or "http"); one way only is taken as it comes.
 #
-# A lost link, a body cut short or a 5xx answer resumes from the last whole block (4 retries).
+# HTTP: a lost link, a body cut short or a 5xx answer resumes from the last whole block (4 retries).
 # Streams the image block by block into the next OTA slot: each 4 KB flash block is erased, then
 # programmed in 1 KB pieces through one reused buffer as the body arrives, then hashed as the
 # flash holds it (a 1 KB buffer needs no 4 KB contiguous block of a fragmented heap); the offset
 # is checkpointed every 16 blocks (a power cut resumes with HTTP Range after re-hashing what the
-# slot holds). The buffer is given back before the signature check. Before set_boot: size,
-# SHA-256 and the ECDSA P-256 signature over the image (as AWS code signing makes it) with the
-# configured public key. Then reboot; the new image confirms itself after its self-test
-# (firmware/app.py). After the boot, the slot that runs tells: the new one -> SUCCEEDED with its
-# version; the old one (the bootloader rolled back an image that never confirmed) -> FAILED
-# rolled_back. Nothing touches the running slot, so every failure leaves the running firmware
-# as it was.
+# slot holds). The buffer is given back before the signature check.
+# MQTT (iotjobs.stream, over the jobs connection: no second TLS session): blocks of 1-4 KiB, in
+# any order, each written where it belongs straight from the message (a flash block is erased
+# when the first stream block inside it arrives); the stream's bitmap is checkpointed every
+# 64 KB, so a power cut fetches only what is missing; once every block is there the slot is
+# hashed as the flash holds it.
+# Either way, before set_boot: size, SHA-256 and the ECDSA P-256 signature over the image (as AWS
+# code signing makes it) with the configured public key. Then reboot; the new image confirms
+# itself after its self-test (firmware/app.py). After the boot, the slot that runs tells: the new
+# one -> SUCCEEDED with its version; the old one (the bootloader rolled back an image that never
+# confirmed) -> FAILED rolled_back. Nothing touches the running slot, so every failure leaves the
+# running firmware as it was.
 import binascii
 import hashlib
 from micropython import const
@@ -36,17 +43,29 @@ class _Cut(Exception):
 
 
 def params(doc):
-    """(url, size, sha256 hex or None, signature bytes, version or None, downgrade ok)."""
+    """(url or None, stream (id, file id) or None, size, sha256 hex or None, signature bytes,
+    version or None, downgrade ok)."""
     ota = doc.get("afr_ota")
+    ref = None
     if isinstance(ota, dict):
         files = ota.get("files")
         f = files[0] if isinstance(files, list) and files and isinstance(files[0], dict) else {}
-        url, size, sig = f.get("update_data_url"), f.get("filesize"), f.get("sig-sha256-ecdsa")
+        protos = ota.get("protocols")
+        if not isinstance(protos, list):
+            protos = ("HTTP",)  # documents of the HTTP-only days name no protocol
+        url = f.get("update_data_url") if "HTTP" in protos else None
+        if "MQTT" in protos and ota.get("streamname") is not None:
+            ref = {"id": ota.get("streamname"), "fileId": f.get("fileid", 0)}
+        size, sig = f.get("filesize"), f.get("sig-sha256-ecdsa")
         sha, version, down = None, doc.get("version"), False
     else:
-        url, size, sig = doc.get("url"), doc.get("size"), doc.get("signature")
+        url, size, sig, ref = doc.get("url"), doc.get("size"), doc.get("signature"), doc.get("stream")
         sha, version, down = doc.get("sha256"), doc.get("version"), doc.get("allowDowngrade") is True
-    if not isinstance(url, str):
+    if ref is not None:
+        from .stream import stream_ref
+
+        ref = stream_ref(ref)
+    if (url is None and ref is None) or (url is not None and not isinstance(url, str)):
         raise JobRejected("BAD_ARGUMENT", "url missing")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise JobRejected("BAD_ARGUMENT", "size must be a positive integer")
@@ -60,15 +79,18 @@ def params(doc):
         raise JobRejected("BAD_SIGNATURE", "signature is not base64")
     if version is not None and not isinstance(version, str):
         raise JobRejected("BAD_ARGUMENT", "version must be a string")
-    return url, size, sha, sig, version, down
+    return url, ref, size, sha, sig, version, down
 
 
 class Ota(Handler):
-    def __init__(self, platform, pubkey, allow=(), ssl_context=None):
+    def __init__(self, platform, pubkey, allow=(), ssl_context=None, transfer="mqtt",
+                 stream=None):
         self.platform = platform
         self.pubkey = pubkey  # bytes of the signer's public key (raw point, DER or PEM)
         self.allow = allow
         self.ssl_context = ssl_context
+        self.transfer = transfer  # the way a document offering both is fetched
+        self.stream = stream or {}  # iotjobs.stream.Fetch options (block, idle_ms, tries)
         self.buf = None
         self.have = 0
 
@@ -79,6 +101,8 @@ class Ota(Handler):
         phase = cp.get("phase") if isinstance(cp, dict) else None
         if phase == "download":
             return self._download(ctx, doc, cp.get("off", 0))
+        if phase == "stream":
+            return self._download(ctx, doc, 0, cp)
         if phase != "reboot":
             return self.run(ctx, doc)
         if ctx.boot == cp.get("boot"):
@@ -97,9 +121,10 @@ class Ota(Handler):
                         % st.get("slot"), version=str(self.platform.firmware_version()),
                         image=str(bad.get("version")))
 
-    def _download(self, ctx, doc, off):
-        url, size, sha, sig, version, down = params(doc)
-        if not http.allowed(url, self.allow):
+    def _download(self, ctx, doc, off, cp=None):
+        url, ref, size, sha, sig, version, down = params(doc)
+        mqtt = ref is not None and (url is None or self.transfer != "http" or cp is not None)
+        if not mqtt and not http.allowed(url, self.allow):
             raise JobRejected("URL_NOT_ALLOWED", "the URL is outside the OTA allowlist")
         if not self.pubkey:
             raise JobRejected("NO_PUBLIC_KEY", "no signing key configured")
@@ -111,6 +136,8 @@ class Ota(Handler):
         bs = slot.ioctl(5, 0)
         if size > slot.ioctl(4, 0) * bs:
             raise JobRejected("TOO_LARGE", "the image does not fit the OTA slot")
+        if mqtt:
+            return self._via_stream(ctx, slot, ref, size, sha, sig, version, cp)
         label = slot.info()[4]
         chunk = _CHUNK if bs > _CHUNK and bs % _CHUNK == 0 else bs
         buf = self.buf
@@ -142,10 +169,53 @@ class Ota(Handler):
         if total != size:
             raise JobFailed("SIZE_MISMATCH", "got %d bytes, expected %d" % (total, size))
         digest = h.digest()
+        buf = self.buf = h = None  # the download is over: its buffer goes back to the heap
+        return self._activate(ctx, slot, label, digest, sha, sig, version)
+
+    def _via_stream(self, ctx, slot, ref, size, sha, sig, version, cp):
+        """The image over the MQTT connection (iotjobs.stream), then _activate."""
+        from . import stream
+
+        self.buf = None  # the HTTP path's buffer: the stream writes from its messages
+        bs = slot.ioctl(5, 0)
+        label = slot.info()[4]
+        st = cp.get("st") if isinstance(cp, dict) and cp.get("slot") == label else None
+        opts = self.stream
+        block = opts.get("block") or stream.block_size()
+        if block > bs or bs % block:
+            block = bs
+        fetch = None
+
+        def put(off, data):
+            # A flash block is erased when the first stream block inside it arrives (after a
+            # power cut too: whatever the slot held there is not counted as received).
+            sector = off // bs
+            if fetch.missing_between(sector * bs, min(sector * bs + bs, size)):
+                slot.ioctl(6, sector)
+            slot.writeblocks(sector, data, off - sector * bs)
+
+        fetch = stream.Fetch(ctx.runner.client, ref[0], ref[1], put, size, block, st,
+                             opts.get("idle_ms", stream.IDLE_MS), opts.get("tries", stream.TRIES),
+                             log=ctx.runner.log)
+        fetch.run(ctx, lambda s: ctx.checkpoint({"phase": "stream", "slot": label, "st": s}))
+        fetch = None
+        import gc
+
+        gc.collect()
+        buf = bytearray(_CHUNK if bs > _CHUNK and bs % _CHUNK == 0 else bs)
+        h = hashlib.sha256()
+        for b in range((size + bs - 1) // bs):  # the image as the flash holds it
+            _hash_block(slot, b, bs, buf, h, min(bs, size - b * bs))
+        digest = h.digest()
+        buf = h = None
+        return self._activate(ctx, slot, label, digest, sha, sig, version)
+
+    def _activate(self, ctx, slot, label, digest, sha, sig, version):
+        """Check hash and signature, then boot the new image (the same for both ways)."""
         if sha is not None and binascii.hexlify(digest).decode() != sha.lower():
             raise JobFailed("HASH_MISMATCH", "sha256 of the image differs")
-        buf = self.buf = h = None  # the download is over: its buffer goes back to the heap,
-        import gc  # whole, before the signature check's big-number arithmetic
+        import gc  # the download's buffer is back in the heap, whole, before the signature
+        # check's big-number arithmetic
 
         gc.collect()
         from . import ecdsa

@@ -205,6 +205,15 @@ class Transport(MQTTClient):
                 return
         self.subs.append((topic, qos))
 
+    def unsubscribe(self, topic):
+        """Forget a subscription (a reconnect no longer restores it) and tell the broker; the
+        UNSUBACK is not awaited (the receive path skips it)."""
+        self.subs = [s for s in self.subs if s[0] != topic]
+        if self.sock is not None:
+            pkt = bytearray(b"\xa2") + _varlen(2 + 2 + len(topic))
+            pkt += self._next_pid().to_bytes(2, "big") + len(topic).to_bytes(2, "big") + topic
+            self._write(pkt)
+
     def _subscribe(self, topic, qos):
         pid = self._next_pid()
         pkt = bytearray(b"\x82") + _varlen(2 + 2 + len(topic) + 1)
