@@ -187,13 +187,13 @@ def test_power_cut_during_a_download_over_mqtt(jobsd, iot, files, mqtt_device):
     assert m and 20 <= int(m.group(1)) <= 20 + EVERY, log
 
 
-def app_bundle(version):
+def app_bundle(version, ballast=30000):
     """An application (application.py registers `app-ping`, answering the version from another
     module of the bundle) as a signed manifest and its files, in manifest order."""
     files = {"application.py": (b"import helper\n\n\ndef start(api):\n    api.register('app-ping', "
                                 b"lambda ctx, doc: {'app': helper.VERSION})\n"),
              "helper.py": f"VERSION = {version!r}\n".encode(),
-             "data/ballast.bin": os.urandom(30000)}
+             "data/ballast.bin": os.urandom(ballast)}
     manifest = json.dumps({"version": version, "files": [
         {"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
         for p, d in files.items()]}).encode()
@@ -221,3 +221,25 @@ def test_app_update_over_mqtt(jobsd, iot, files, mqtt_device):
         assert status == "SUCCEEDED" and details["app"] == want, (i, details, dev.log_text())
     with open(os.path.join(dev.flash, "app.d", "b", "data", "ballast.bin"), "rb") as f:
         assert f.read() == dict(f2)["data/ballast.bin"]
+
+
+def test_power_cut_while_staging_an_app_over_mqtt(jobsd, iot, files, mqtt_device):
+    """Cut in the middle of the bundle's third file (100 KB: 25 blocks, a checkpoint after 16):
+    after the boot the stage goes on with that file's missing blocks only."""
+    m, fs = app_bundle("1.0", ballast=100 * 1024)
+    put_stream(iot, files, "app-cut", [m] + [d for _, d in fs])
+    doc = {"operation": "app-update", "stream": {"id": "app-cut"}, "signature": sign(m),
+           "version": "1.0"}
+    # blocks: the manifest #1, application.py #2, helper.py #3, the ballast #4..#28
+    dev = mqtt_device("mq-app-cut", [doc, {"operation": "app-ping"}], {"halt_at": "stream-block#22"},
+                      heap="192K")
+    stack.wait_until(lambda: "@@HALT stream-block#22" in dev.log_text(10**7), 60, "the halt")
+    dev.power_cut()
+    for i in (0, 1):
+        status, details = result(iot, dev, "mq-app-cut", i)
+        assert status == "SUCCEEDED" and details["app"] == "1.0", (i, details, dev.log_text())
+    log = dev.log_text(10**7)
+    assert "stream app-cut/3: resuming, 9 of 25 blocks missing" in log, log
+    assert "stream app-cut/3: 9 blocks fetched of 25" in log
+    with open(os.path.join(dev.flash, "app.d", "a", "data", "ballast.bin"), "rb") as f:
+        assert f.read() == dict(fs)["data/ballast.bin"]
