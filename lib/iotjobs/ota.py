@@ -27,7 +27,6 @@ import hashlib
 from micropython import const
 from .runner import Handler, JobFailed, JobRejected
 from .version import newer
-from . import http
 
 _CHECKPOINT_BLOCKS = const(16)
 _CHUNK = const(1024)  # bytes per flash write (a 4 KB block takes several)
@@ -124,8 +123,11 @@ class Ota(Handler):
     def _download(self, ctx, doc, off, cp=None):
         url, ref, size, sha, sig, version, down = params(doc)
         mqtt = ref is not None and (url is None or self.transfer != "http" or cp is not None)
-        if not mqtt and not http.allowed(url, self.allow):
-            raise JobRejected("URL_NOT_ALLOWED", "the URL is outside the OTA allowlist")
+        if not mqtt:
+            from . import http  # imported by the HTTP way only: a stream never loads it
+
+            if not http.allowed(url, self.allow):
+                raise JobRejected("URL_NOT_ALLOWED", "the URL is outside the OTA allowlist")
         if not self.pubkey:
             raise JobRejected("NO_PUBLIC_KEY", "no signing key configured")
         running = self.platform.firmware_version()
@@ -232,6 +234,8 @@ class Ota(Handler):
         ctx.request_reboot()
 
     def _stream(self, ctx, url, slot, label, off, size, buf, h):
+        from . import http
+
         self.have = off
         try:
             r = http.get(url, self.ssl_context, off)
