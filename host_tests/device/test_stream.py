@@ -752,3 +752,22 @@ def test_ota_documents_name_their_ways():
             assert e.reason == reason, (bad, e.reason)
             continue
         raise AssertionError(bad)
+
+
+def test_unsubscribe_sends_one_packet_and_forgets_the_subscription():
+    class Sock:
+        def __init__(self):
+            self.out = []
+
+        def write(self, b):
+            self.out.append(bytes(b))
+
+    t = Transport(b"dev1", "127.0.0.1", 1)
+    t.subs = [(b"a/b", 0), (b"c", 1)]
+    t.sock = Sock()
+    t.unsubscribe(b"a/b")
+    assert t.sock.out == [b"\xa2\x07\x00\x01\x00\x03a/b"]  # UNSUBSCRIBE, pid 1, one filter
+    assert t.subs == [(b"c", 1)]
+    t.sock = None
+    t.unsubscribe(b"c")  # not connected: only forgotten (a reconnect does not restore it)
+    assert t.subs == []
