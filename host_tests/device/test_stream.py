@@ -228,6 +228,13 @@ def test_block_size_follows_the_heap_and_the_transport():
     assert S.block_size() in (1024, 2048, 4096)
 
 
+def test_a_block_size_the_transport_cannot_carry_is_replaced():
+    link, client, svc, ctx = setup({0: content(10)})
+    for bad in (0, 100, 65536):
+        assert fetch(client, link, None, 10, bad).l in (1024, 2048, 4096), bad
+    assert fetch(client, link, None, 10, 256).l == 256
+
+
 def test_stream_references_are_checked():
     assert S.stream_ref({"id": "AFR_OTA-1_x", "fileId": 3}) == ("AFR_OTA-1_x", 3)
     assert S.stream_ref({"id": "s"}) == ("s", 0)

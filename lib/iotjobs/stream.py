@@ -188,9 +188,9 @@ class Fetch:
         self.resumed = False
         if state is not None:
             self._adopt(state)
-        if not self.l:
-            from .transport import MAX_PACKET
+        from .transport import MAX_PACKET
 
+        if self.l < 256 or message_size(self.l) > MAX_PACKET:  # none, or one we cannot use
             self.l = block_size(None, MAX_PACKET)
         self.every = every or max(1, _CHECKPOINT_BYTES // self.l)
         # A window no larger than a checkpoint's worth: what arrives while a progress report
