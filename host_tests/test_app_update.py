@@ -294,9 +294,11 @@ def test_cancel_while_staging_frees_the_stage(jobsd, iot, app_device, publish):
     assert not os.path.exists(os.path.join(dev.flash, "app.d", "state.json")), "nothing switched"
 
 
-def test_one_command_app_update_from_tools_jobs(jobsd, iot, files, app_device, tmp_path):
+@pytest.mark.parametrize("protocol", ["http", "mqtt"])
+def test_one_command_app_update_from_tools_jobs(jobsd, iot, files, app_device, tmp_path, protocol):
     """tools/sign keygen, then tools/jobs app: signed, published, job created; the device runs
-    the new application (its own job operation answers)."""
+    the new application (its own job operation answers). Over MQTT the bundle is one stream and
+    the device may fetch nothing over HTTP."""
     import subprocess
 
     keys = tmp_path / "keys"
@@ -309,14 +311,21 @@ def test_one_command_app_update_from_tools_jobs(jobsd, iot, files, app_device, t
         (src / rel).write_bytes(data)
     (src / "__pycache__").mkdir()
     (src / "__pycache__" / "x.pyc").write_bytes(b"junk")
+    allow = ["http://127.0.0.1:"] if protocol == "http" else []
     dev = app_device("app-cli", [], {"ota": {"pubkey": str(keys / "signing-pub.der"),
-                                             "allow": ["http://127.0.0.1:"]}})
+                                             "allow": allow}})
     r = subprocess.run([os.path.join(ROOT, "tools", "jobs"), "--endpoint", jobsd.control_url, "app",
                         "app-42", "--dir", str(src), "--key", str(keys / "signing-key.pem"),
                         "--files", str(files), "--version", "4.2", "--thing", "app-cli",
-                        "--exclude", "__pycache__"], capture_output=True, text=True)
+                        "--exclude", "__pycache__", "--protocol", protocol],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "created app-update job app-42: version 4.2, 4 file(s)" in r.stdout, r.stdout
+    if protocol == "http":
+        assert "created app-update job app-42: version 4.2, 4 file(s)" in r.stdout, r.stdout
+    else:
+        doc = json.loads(iot.get_job_document(jobId="app-42")["document"])
+        assert doc["stream"] == {"id": "app-42", "manifest": 0} and "urls" not in doc, doc
+        assert len(iot.describe_stream(streamId="app-42")["streamInfo"]["files"]) == 5
     ex = wait_execution(iot, "app-42", "app-cli", TERMINAL, 60, device=dev)
     assert ex["status"] == "SUCCEEDED" and ex["statusDetails"]["detailsMap"]["app"] == "4.2", ex
     iot.create_job(jobId="ping-1", targets=[thing_arn("app-cli")], document=json.dumps(PING))

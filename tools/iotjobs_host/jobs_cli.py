@@ -193,18 +193,38 @@ def cmd_download(iot, a: argparse.Namespace) -> int:
 
 def cmd_app(iot, a: argparse.Namespace) -> int:
     """Sign an application folder, publish it to jobsd's files folder, create the app-update
-    job (one presigned URL per file): one step."""
+    job (one presigned URL per file): one step. `--protocol mqtt`: the bundle as one stream
+    named after the job (the manifest file 0, the k-th file of the manifest file k + 1)."""
     from . import sign
 
     argv = ["bundle", a.dir, "--key", a.key, "--bucket", a.bucket, "--files", a.files,
             "--version", a.version, "--presign-files"]
     for pattern in a.exclude:
         argv += ["--exclude", pattern]
-    doc = _signed_job(iot, a, argv, sign.bundle)
+
+    def make(args):
+        doc = sign.bundle(args)
+        if a.protocol == "http":
+            return doc
+        prefix = f"app/{a.version}"  # sign's default key prefix
+        paths = list(doc["urls"])  # manifest order
+        if len(paths) + 1 > 50:
+            raise sign.SignError(f"a stream holds at most 50 files; this bundle has "
+                                 f"{len(paths)} and its manifest (use --protocol http)")
+        objs = [(0, a.bucket, f"{prefix}/{sign.MANIFEST}")]
+        objs += [(k + 1, a.bucket, f"{prefix}/{sign.FILES_DIR}/{p}") for k, p in enumerate(paths)]
+        doc["stream"] = {"id": _stream(iot, a, a.job_id, objs), "manifest": 0}
+        if a.protocol == "mqtt":
+            for key in ("manifest", "base", "urls"):
+                doc.pop(key, None)
+        return doc
+
+    doc = _signed_job(iot, a, argv, make)
     if doc is None:
         return 2
-    print(f"created app-update job {a.job_id}: version {a.version}, "
-          f"{len(doc['urls'])} file(s), signed")
+    n = len(doc["urls"]) if "urls" in doc else "all"
+    print(f"created app-update job {a.job_id}: version {a.version}, {n} file(s), signed"
+          + (f", stream {a.job_id}" if a.protocol != "http" else ""))
     return 0
 
 
@@ -395,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave out matching paths or names (repeatable), e.g. '__pycache__'")
     p.add_argument("--allow-downgrade", action="store_true")
     p.add_argument("--force", action="store_true", help="replace a published bundle")
+    p.add_argument("--protocol", choices=["http", "mqtt", "both"], default="http",
+                   help="http: presigned URLs; mqtt: one stream named after the job; both")
+    p.add_argument("--role-arn", default=STREAM_ROLE, help="the stream's role (AWS)")
     p.add_argument("--thing", action="append", default=[])
     p.add_argument("--group", action="append", default=[])
     p.add_argument("--continuous", action="store_true")
