@@ -110,19 +110,28 @@ def _compile(files: list[tuple[str, str]], flags: list[str], out_root: str, labe
         if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
             continue
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if rel == "board.json":
-            # the board reads it at every boot: the host-side memory facts stay on the host
-            with open(src) as f:
-                info = json.load(f)
-            info.pop("memory", None)
-            with open(dst, "w") as f:
-                json.dump(info, f, separators=(",", ":"))
-            continue
+        # Written beside and renamed: a device booting from this folder, or a second build
+        # running at once (pytest-xdist workers), never sees half a file.
+        tmp = f"{dst}.{os.getpid()}.tmp"
+        try:
+            if rel == "board.json":
+                # the board reads it at every boot: the host-side memory facts stay on the host
+                with open(src) as f:
+                    info = json.load(f)
+                info.pop("memory", None)
+                with open(tmp, "w") as f:
+                    json.dump(info, f, separators=(",", ":"))
+            elif not dst.endswith(".mpy"):
+                shutil.copyfile(src, tmp)
+            else:
+                # -s: the name in tracebacks is the board path, not the host path
+                subprocess.run([mpy_cross, *flags, "-s", rel, "-o", tmp, src], check=True)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         if not dst.endswith(".mpy"):
-            shutil.copyfile(src, dst)
             continue
-        # -s: the name in tracebacks is the board path, not the host path
-        subprocess.run([mpy_cross, *flags, "-s", rel, "-o", dst, src], check=True)
         if not quiet:
             print(f"{label}: {rel}")
 
@@ -133,8 +142,13 @@ def size_report(arch: str) -> list[tuple[str, int]]:
     rows = []
     for dirpath, _, files in os.walk(root):
         for name in sorted(files):
+            if name.endswith(".tmp"):  # another build's file being written (_compile)
+                continue
             p = os.path.join(dirpath, name)
-            rows.append((os.path.relpath(p, root), os.path.getsize(p)))
+            try:
+                rows.append((os.path.relpath(p, root), os.path.getsize(p)))
+            except FileNotFoundError:  # removed by a build running at once
+                continue
     return sorted(rows)
 
 
