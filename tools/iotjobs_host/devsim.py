@@ -20,7 +20,18 @@ Image format (make_image() builds one): block 0 is a header, then the payload fr
   0  b"IJFW"   4  u16 format (1)   6  u16 metadata length M   8  u32 payload length P
   12 sha256(metadata || payload)   44 metadata: JSON object {"version": "1.2.0", ...flags}
   44+M..4095 0xFF                  4096 payload (P bytes)
-Flags are free-form metadata the firmware can read (tests use {"selftest": "fail"})."""
+Flags are free-form metadata the firmware can read (tests use {"selftest": "fail"}).
+
+`--lib DIR|IMAGE` moves the library (iotjobs, umqtt) off build/mpy/host: the device imports it
+from DIR (what `mip install --target DIR` wrote: a board's /lib) or from a ROMFS image
+(`tools/deploy --romfs-build`, or the bytes of a romfs partition) mounted at /rom. The rest of
+build/mpy/host (main, app, platform, the twins) is reached through `<flash>.code/`, links to
+it without iotjobs/ and umqtt/, so the library can only come from there or from the image's
+frozen modules. sys.path is then ['', '.frozen', DIR, <flash>.code] or ['', '.frozen', '/rom',
+'/rom/lib', <flash>.code]: frozen modules first, as on a board, so on fleet32 the frozen
+library still wins (use pip, or stock32 whose only frozen piece of it is umqtt.simple). The
+unix port cannot map flash: the image is read into the heap (a board maps it), so give it a
+heap larger by the image's size."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +59,20 @@ DEFAULT_HEAP = "128K"
 # pip, the heaviest image, so that any image runs with the defaults.
 DEFAULT_IMAGE = "fleet32"
 TLS_FILES = ("ca.der", "cert.der", "key.der")
+LIBRARY = ("iotjobs", "umqtt")  # what --lib takes off build/mpy/host
+ROMFS_HEADER = b"\xd2\xcd\x31"
+# Run instead of `-m main` with a ROMFS image: mount it as a board's runtime does at boot
+# (py/runtime.c, MICROPY_VFS_ROM_IOCTL), /rom and /rom/lib right after the frozen modules.
+_ROMFS_BOOT = """import sys, vfs
+f = open(%r, "rb")
+vfs.mount(vfs.VfsRom(f.read(%d)), "/rom")
+f.close()
+del f
+i = sys.path.index(".frozen") + 1
+sys.path[i:i] = ["/rom", "/rom/lib"]
+del i
+import main
+"""
 
 BLOCK = 4096
 SLOT_SIZE = 0x180000  # ota_0 and ota_1 of MicroPython's 4 MiB OTA table (1.5 MiB each)
@@ -209,11 +234,42 @@ def provision(flash: str, thing: str, broker: str, tls: str | None, keepalive: i
     os.replace(tmp, cfg_path)
 
 
+def romfs_length(data: bytes) -> int | None:
+    """The length of the ROMFS image at the start of `data` (a partition may hold more bytes
+    after it), or None if `data` does not start with one."""
+    if not data.startswith(ROMFS_HEADER):
+        return None
+    size, i = 0, len(ROMFS_HEADER)
+    while i < len(data):
+        b = data[i]
+        i += 1
+        size = (size << 7) | (b & 0x7F)
+        if not b & 0x80:
+            return i + size if i + size <= len(data) else None
+    return None
+
+
+def code_without_library(code: str, dest: str) -> str:
+    """`dest` made a folder of links to everything in `code` but the library's packages."""
+    os.makedirs(dest, exist_ok=True)
+    want = {n for n in os.listdir(code) if n not in LIBRARY and not n.endswith(".tmp")}
+    for name in os.listdir(dest):
+        link = os.path.join(dest, name)
+        if name not in want or os.readlink(link) != os.path.join(code, name):
+            os.remove(link)
+    for name in want:
+        if not os.path.lexists(os.path.join(dest, name)):
+            os.symlink(os.path.join(code, name), os.path.join(dest, name))
+    return dest
+
+
 class Devsim:
-    def __init__(self, flash: str, heap: str, ota: str | None = None, image: str = "pip") -> None:
+    def __init__(self, flash: str, heap: str, ota: str | None = None, image: str = "pip",
+                 lib: str | None = None) -> None:
         self.flash = flash
         self.heap = heap
         self.image = image
+        self.lib = os.path.abspath(lib) if lib else None
         self.exe = images.interpreter(image)
         self.ota = os.path.abspath(ota or ota_dir(flash))
         self.child: subprocess.Popen | None = None
@@ -234,12 +290,25 @@ class Devsim:
               f"({choice.state})", flush=True)
         env = dict(os.environ)
         env["MICROPYPATH"] = ".frozen:" + code
+        run = ["-m", "main"]
+        if self.lib:
+            rest = code_without_library(code, os.path.normpath(self.flash) + ".code")
+            if os.path.isdir(self.lib):
+                env["MICROPYPATH"] = ".frozen:" + self.lib + ":" + rest
+            else:
+                with open(self.lib, "rb") as f:
+                    n = romfs_length(f.read())
+                if n is None:
+                    print(f"devsim: {self.lib} holds no ROMFS image; halted", flush=True)
+                    return None
+                env["MICROPYPATH"] = ".frozen:" + rest
+                run = ["-c", _ROMFS_BOOT % (self.lib, n)]
         env["IOTJOBS_OTA"] = self.ota
         env["IOTJOBS_RUNNING"] = choice.slot
         env["IOTJOBS_ROLLED_BACK"] = choice.rolled_back or ""
         self.boots += 1
         self.child = subprocess.Popen(
-            [self.exe, "-X", f"heapsize={self.heap}", "-m", "main"],
+            [self.exe, "-X", f"heapsize={self.heap}", *run],
             cwd=self.flash, env=env, stdin=subprocess.DEVNULL,
         )
         # tests kill the firmware process (a power cut) by this pid
@@ -293,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="bytes per OTA app slot on first start (default 0x180000)")
     ap.add_argument("--factory-version", default=FACTORY_VERSION,
                     help="version of the image flashed into ota_0 on first start")
+    ap.add_argument("--lib", metavar="DIR|IMAGE",
+                    help="import the library (iotjobs, umqtt) from this folder (what mip "
+                         "installed) or ROMFS image (mounted at /rom), not from build/mpy/host; "
+                         "frozen modules still come first")
     args = ap.parse_args(argv)
     try:
         extra = json.loads(args.config)
@@ -317,4 +390,17 @@ def main(argv: list[str] | None = None) -> int:
     if not os.access(exe, os.X_OK):
         print(f"devsim: image {args.image} is not built ({exe}): run make setup", file=sys.stderr)
         return 2
-    return Devsim(args.flash, args.heap, ota, args.image).run()
+    if args.lib:
+        if os.path.isfile(args.lib):
+            with open(args.lib, "rb") as f:
+                if romfs_length(f.read()) is None:
+                    print(f"devsim: --lib {args.lib} is neither a folder nor a ROMFS image",
+                          file=sys.stderr)
+                    return 2
+            print(f"devsim: library from the ROMFS image {args.lib} at /rom", flush=True)
+        elif os.path.isdir(args.lib):
+            print(f"devsim: library from {args.lib}", flush=True)
+        else:
+            print(f"devsim: --lib {args.lib} does not exist", file=sys.stderr)
+            return 2
+    return Devsim(args.flash, args.heap, ota, args.image, args.lib).run()
