@@ -6,12 +6,21 @@ line printed. A test or script that waits for that line can use every interface 
 The timer thread starts with the servers; executions whose deadline passed while jobsd was
 down time out right then. With `--files DIR` the data listener also serves `/files/...`
 (files.py). SIGTERM and SIGINT stop the servers, the timers and the MQTT connection and exit 0.
+
+Defaults let `tools/jobsd` alone start against a local broker: --broker 127.0.0.1:1883,
+--control 127.0.0.1:8440, --data 127.0.0.1:8441, --db build/jobsd/jobsd.sqlite3 in the
+repository (its folder is created). With `--credentials FILE` (auth.py) both listeners demand
+AWS Signature Version 4 from the key pairs in FILE; without it jobsd checks nothing, so it
+refuses to listen anywhere but on loopback (exit 2). A --credentials file that cannot be used
+is a start-up error (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import secrets
 import signal
 import sqlite3
@@ -20,7 +29,8 @@ import threading
 from typing import Optional
 from collections.abc import Sequence
 
-from . import acl, control, data
+from .. import BUILD
+from . import acl, auth, control, data
 from .files import FileStore
 from .mqtt import MqttBridge
 from .rest import RestServer
@@ -29,6 +39,28 @@ from .store import Store
 from .timers import TimerThread
 
 log = logging.getLogger("jobsd")
+
+DEFAULT_BROKER = "127.0.0.1:1883"
+DEFAULT_CONTROL = "127.0.0.1:8440"
+DEFAULT_DATA = "127.0.0.1:8441"
+
+
+def default_db_path() -> str:
+    """The database `tools/jobsd` uses without --db: build/jobsd/jobsd.sqlite3 in the repo."""
+    return os.path.join(BUILD, "jobsd", "jobsd.sqlite3")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 (bracketed or not) and `localhost`."""
+    name = host.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -50,20 +82,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--write-acl", metavar="FILE",
                    help="write the mosquitto ACL for the TLS listener (each thing on its own "
                         "topics, identity from the client certificate) to FILE and exit")
-    p.add_argument("--broker", type=_host_port, required=True,
-                   help="MQTT broker plain listener, HOST:PORT")
-    p.add_argument("--data", type=_host_port, required=True,
-                   help="iot-jobs-data REST API listen address (port 0: pick one)")
-    p.add_argument("--control", type=_host_port, required=True,
-                   help="iot control-plane REST API listen address (port 0: pick one)")
-    p.add_argument("--db", required=True, help="SQLite database file (created if missing)")
+    p.add_argument("--broker", type=_host_port, default=DEFAULT_BROKER,
+                   help="MQTT broker plain listener, HOST:PORT (default: %(default)s)")
+    p.add_argument("--data", type=_host_port, default=DEFAULT_DATA,
+                   help="iot-jobs-data REST API listen address, port 0 picks one "
+                        "(default: %(default)s)")
+    p.add_argument("--control", type=_host_port, default=DEFAULT_CONTROL,
+                   help="iot control-plane REST API listen address, port 0 picks one "
+                        "(default: %(default)s)")
+    p.add_argument("--db", default=default_db_path(),
+                   help="SQLite database file, created if missing (default: %(default)s)")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="AWS shared-credentials file (sections with aws_access_key_id and "
+                        "aws_secret_access_key, each an accepted key pair): every request on "
+                        "--control and every iot-jobs-data request on --data must then carry "
+                        "a valid AWS Signature Version 4 (/files/ keeps its own signed URLs). "
+                        "Without it jobsd listens on loopback addresses only")
     p.add_argument("--files", metavar="DIR",
                    help="serve DIR on the data listener under /files/ with signed URLs; the "
                         "S3 object s3://BUCKET/KEY is DIR/BUCKET/KEY (presigned-URL "
                         "placeholders in job documents, CreateJob documentSource)")
     p.add_argument("--files-url", metavar="URL",
                    help="base URL devices use for the file server (default: http://<data>)")
-    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--region", default="us-east-1",
+                   help="region of ARNs and of the SigV4 credential scope (default: %(default)s)")
     p.add_argument("--account", default="123456789012")
     p.add_argument("--minute-seconds", type=float, default=60.0,
                    help="length of a job-timer minute in seconds (tests shorten it)")
@@ -79,6 +121,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.minute_seconds <= 0:
         p.error("--minute-seconds must be positive")
+    if args.credentials is None:
+        for option, (host, port) in (("--control", args.control), ("--data", args.data)):
+            if not is_loopback(host):
+                p.error(f"{option} {host}:{port} is not a loopback address (127.0.0.0/8, ::1, "
+                        "localhost): without authentication jobsd would take requests from "
+                        "anyone who reaches it; pass --credentials FILE to have every request "
+                        "signed (AWS Signature Version 4), or listen on loopback")
     return args
 
 
@@ -98,6 +147,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    verifiers: dict[str, Optional[auth.Verifier]] = {"iot": None, "iot-jobs-data": None}
+    if args.credentials is not None:
+        try:
+            keys = auth.load_credentials(args.credentials)
+        except auth.CredentialsError as err:
+            log.error("--credentials: %s", err)
+            return 1
+        for service in verifiers:
+            verifiers[service] = auth.Verifier(keys, auth.signing_name(service), args.region)
+        log.info("SigV4 required on control and data (%d key pair(s) from %s: %s)", len(keys),
+                 args.credentials, ", ".join(sorted(keys)))
+    if args.db == default_db_path():
+        try:
+            os.makedirs(os.path.dirname(args.db), exist_ok=True)
+        except OSError as err:
+            log.error("cannot create %s: %s", os.path.dirname(args.db), err)
+            return 1
     try:
         store = Store(args.db)
     except (OSError, sqlite3.Error, RuntimeError) as err:
@@ -112,9 +178,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timers = TimerThread(service)
     try:
         try:
-            control_server = RestServer(args.control, control.build_router(service))
+            control_server = RestServer(args.control, control.build_router(service),
+                                        verifiers["iot"])
             servers.append(control_server)
-            data_server = RestServer(args.data, data.build_router(service))
+            data_server = RestServer(args.data, data.build_router(service),
+                                     verifiers["iot-jobs-data"])
             servers.append(data_server)
         except OSError as err:
             log.error("cannot listen: %s", err)

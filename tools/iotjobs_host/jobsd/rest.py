@@ -15,6 +15,11 @@ InvalidRequestException.
 HTTP/1.1 with Content-Length on every reply, because boto3 keeps connections alive. When a
 FileStore is attached (`--files`, data listener only), GET/HEAD of `/files/...` are answered by
 it instead of the router.
+
+With a `Verifier` (`--credentials`, auth.py) every other request must carry a valid AWS
+Signature Version 4: the body is read (so the connection stays usable), then checked before the
+router runs, so a refused request changes nothing. A refusal is a 403 restJson1 error, logged at
+WARNING with the access key id it named (never a secret).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Optional
 from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .auth import Verifier
 from .files import PREFIX as FILES_PREFIX
 from .files import FileStore
 from .rules import ApiError as RestError
@@ -166,7 +172,11 @@ class _Handler(BaseHTTPRequestHandler):
                 "x-amzn-ErrorType": "InvalidRequestException"}
         else:
             raw = self.rfile.read(length) if length else b""
-            status, body, headers = self.server.router.handle(self.command, self.path, raw)
+            refusal = self._refusal(raw)
+            if refusal is not None:
+                status, body, headers = refusal
+            else:
+                status, body, headers = self.server.router.handle(self.command, self.path, raw)
         data = b"" if status == 204 else json.dumps(body).encode()  # 204: no body at all
         self.send_response(status)
         if status != 204:
@@ -178,6 +188,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and data:
             self.wfile.write(data)
+
+    def _refusal(self, raw: bytes) -> Optional[tuple[int, dict[str, Any], dict[str, str]]]:
+        """The 403 reply for a request whose SigV4 signature does not hold; None when it does
+        (or when the server checks none)."""
+        auth = self.server.auth
+        if auth is None:
+            return None
+        refused = auth.verify(self.command, self.path, self.headers, raw)
+        if refused is None:
+            return None
+        def clean(text: str) -> str:  # the client's words: one line, no control characters
+            return text[:200].encode("unicode_escape").decode("ascii")
+
+        log.warning("%s: refused %s %s from %s (access key %s): %s: %s", self.server.router.name,
+                    self.command, clean(urlsplit(self.path).path), self.client_address[0],
+                    clean(refused.key_id or "-"), refused.error_type,
+                    clean(refused.message.split("\n")[0]))
+        return (refused.status, {"message": refused.message},
+                {"x-amzn-ErrorType": refused.error_type})
 
     def _discard_body(self) -> bool:
         """Read and drop a request body we have no use for; False (connection closed) when it
@@ -226,8 +255,10 @@ class _Handler(BaseHTTPRequestHandler):
 class RestServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], router: Router) -> None:
+    def __init__(self, address: tuple[str, int], router: Router,
+                 auth: Optional[Verifier] = None) -> None:
         self.router = router
+        self.auth = auth  # --credentials: SigV4 on every request but /files/ (auth.py)
         self.files: Optional[FileStore] = None  # the data listener's /files/ (files.py)
         super().__init__(address, _Handler)
         self._thread: Optional[threading.Thread] = None
