@@ -1,8 +1,8 @@
 # Entry points for users, tests and CI. `make test` and `make demo` set everything up themselves.
-.PHONY: setup build size test demo bench lint clean deploy repl flash
+.PHONY: setup build size test demo bench lint clean deploy repl flash stack stack-down
 
 PY := .venv/bin/python
-LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/size tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash boards/esp32
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/size tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash tools/stack boards/esp32
 BOARD ?=
 
 setup:
@@ -26,6 +26,13 @@ repl: setup
 flash: setup
 	@test -n "$(PORT)" -a -n "$(FIRMWARE)" || { echo "make flash PORT=/dev/ttyUSB0 FIRMWARE=image.bin [BOARD=ESP32_GENERIC] [CONFIG=build/provision/THING]"; exit 2; }
 	@tools/flash --port $(PORT) --firmware $(FIRMWARE) --board $(or $(BOARD),ESP32_GENERIC) $(if $(CONFIG),--config $(CONFIG),)
+
+# The local stack for real boards (tools/stack): make stack ENDPOINT=192.168.1.20[:8883]
+stack: setup
+	@tools/stack up $(if $(ENDPOINT),--endpoint $(ENDPOINT),) $(if $(STACK_DIR),--dir $(STACK_DIR),)
+
+stack-down:
+	@tools/stack down $(if $(STACK_DIR),--dir $(STACK_DIR),)
 
 test: setup
 	$(PY) -m pytest host_tests $(PYTEST_ARGS)
