@@ -261,15 +261,17 @@ def test_devsim_lib_is_the_only_source_of_the_library(tmp_path, mosquitto, devic
 
 
 def test_mpremote_mip_installs_onto_the_unix_port_over_a_pty(board, repo, index):  # noqa: F811
-    """`mpremote mip install` downloads on the host (urllib) and writes the files through the
-    raw REPL: by URL from the served repository, and by the package.json's local path; the
-    dependency through --index in both cases."""
+    """`mpremote mip install` downloads on the host (urllib, which honours http_proxy: the
+    loopback is kept off any proxy) and writes the files through the raw REPL: by URL from the
+    served repository, and by the package.json's local path; the dependency through --index in
+    both cases (--target always: the unix port's default would be ~/.micropython/lib)."""
     want = expected_tree(os.path.join(LIB, "package.json"), index.root)
     for target, source in (("lib", repo.url + "/lib/package.json"),
                            ("lib2", os.path.join(LIB, "package.json"))):
         r = subprocess.run([MPREMOTE, "connect", board.port, "resume", "mip", "install",
                             "--target", target, "--index", index.url, source],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, no_proxy="127.0.0.1", NO_PROXY="127.0.0.1"))
         assert r.returncode == 0 and r.stdout.rstrip().endswith("Done"), r.stdout + r.stderr
         assert tree_problems(want, os.path.join(board.flash, target)) == [], target
     assert f"/package/{MPY_VERSION}/umqtt.simple/latest.json" in index.requests

@@ -356,7 +356,7 @@ def deploy_romfs(port: Optional[str], board: str, config: Optional[str], reset: 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="tools/deploy", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--port", help="what `mpremote connect` takes (needed but with --romfs-build)")
+    ap.add_argument("--port", help="what `mpremote connect` takes (not needed to only build an image)")
     ap.add_argument("--board", default="ESP32_GENERIC", help="boards/<BOARD> (default ESP32_GENERIC)")
     ap.add_argument("--config", metavar="DIR", help="config.json and certs/ (tools/provision --out)")
     ap.add_argument("--no-reset", action="store_true", help="leave the board at the REPL")
@@ -371,8 +371,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "no partition table: tools/devsim --lib FILE boots the unix port from "
                          "it); with --romfs, the image deployed (default build/romfs/BOARD.romfs)")
     a = ap.parse_args(argv)
-    if a.port is None and not a.romfs_build:
-        ap.error("--port is required (but with --romfs-build)")
+    if a.port is None and not (a.romfs_build and not a.romfs):
+        ap.error("--port is required (only --romfs-build FILE alone does without)")
     try:
         out = os.path.abspath(a.romfs_build) if a.romfs_build else None
         if a.romfs:
