@@ -34,8 +34,11 @@ stack: setup
 stack-down:
 	@tools/stack down $(if $(STACK_DIR),--dir $(STACK_DIR),)
 
+# Two pytest-xdist workers (every fixture takes free ports and its own tmp_path); TEST_WORKERS=0
+# runs the suite in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest host_tests $(PYTEST_ARGS)
+	$(PY) -m pytest host_tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 demo: setup
 	@tools/demo
