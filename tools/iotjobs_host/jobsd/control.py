@@ -44,7 +44,8 @@ def build_router(service: Service) -> Router:
         return service.describe_job(req.labels["jobId"])
 
     def get_job_document(req: Request) -> dict[str, Any]:
-        return service.get_job_document(req.labels["jobId"])
+        return service.get_job_document(req.labels["jobId"],
+                                        req.q_bool("beforeSubstitution", False))
 
     def list_jobs(req: Request) -> dict[str, Any]:
         status = _status_filter(req, ("IN_PROGRESS", "CANCELED", "COMPLETED",

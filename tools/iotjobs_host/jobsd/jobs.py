@@ -196,9 +196,11 @@ class JobsApi:
     def create_job(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         if not valid_job_id(job_id):
             raise _invalid("jobId must match [a-zA-Z0-9_-]{1,64}")
-        for unsupported in ("jobTemplateArn", "destinationPackageVersions"):
-            if body.get(unsupported) is not None:
-                raise _invalid(f"{unsupported} is not supported by jobsd; send `document`")
+        if body.get("destinationPackageVersions") is not None:
+            raise _invalid("destinationPackageVersions is not supported by jobsd")
+        # A template (jobTemplateArn) fills in what the body leaves out; documentParameters are
+        # substituted (template_service.py). `before` is the document before substitution.
+        body, before = self._resolve_template(body)
         document = self._document_from(body)
         targets = body.get("targets")
         if not isinstance(targets, list) or not targets:
@@ -234,8 +236,11 @@ class JobsApi:
         config = {k: body[k] for k in ("timeoutConfig", "presignedUrlConfig",
                                        "jobExecutionsRolloutConfig", "abortConfig",
                                        "jobExecutionsRetryConfig", "schedulingConfig",
-                                       "documentParameters", "namespaceId", "tags")
+                                       "documentParameters", "namespaceId", "tags",
+                                       "jobTemplateArn")
                   if body.get(k) is not None}
+        if before is not None:
+            config["documentBeforeSubstitution"] = before
 
         def op(tracker: _Tracker, now: int) -> dict[str, Any]:
             if self._store.get_job(job_id) is not None:
@@ -286,10 +291,15 @@ class JobsApi:
                                           self._store.executions_for_job(job_id))}
         return self._run(op)
 
-    def get_job_document(self, job_id: str) -> dict[str, Any]:
-        """The document as stored: presigned-URL placeholders are not replaced (as AWS)."""
+    def get_job_document(self, job_id: str, before_substitution: bool = False) -> dict[str, Any]:
+        """The document as stored: presigned-URL placeholders are not replaced (as AWS); with
+        `before_substitution`, a managed template's document with its `${aws:iot:parameter:...}`
+        placeholders."""
         def op(_: _Tracker, __: int) -> dict[str, Any]:
-            return {"document": self._job_or_404(job_id).document}
+            job = self._job_or_404(job_id)
+            if before_substitution and "documentBeforeSubstitution" in job.config:
+                return {"document": job.config["documentBeforeSubstitution"]}
+            return {"document": job.document}
         return self._run(op)
 
     def list_jobs(self, status: Optional[str], selection: Optional[str], group: Optional[str],

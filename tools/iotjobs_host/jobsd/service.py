@@ -10,6 +10,8 @@ control.py, data.py) call it and translate wire formats only.
 | registry.py | things, thing groups, and what membership does to continuous jobs |
 | command_service.py | AWS IoT commands and their executions |
 | stream_service.py | streams, OTA updates, the device's stream requests |
+| template_service.py | job templates, custom and AWS managed; CreateJob from a template |
+| events.py | job and job-execution events (UpdateEventConfigurations) |
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from typing import Optional
 from . import commands as cmds
 from .command_service import CommandsApi
 from .core import Delivery, Publish, ServiceBase, _Tracker, encode, jobs_topic
+from .events import EventsApi
 from .jobs import JobsApi
 from .registry import RegistryApi
 from .stream_service import StreamsApi
+from .template_service import TemplatesApi
 
 __all__ = ["Delivery", "Publish", "Service", "encode", "jobs_topic"]
 
 log = logging.getLogger("jobsd.service")
 
 
-class Service(JobsApi, RegistryApi, CommandsApi, StreamsApi, ServiceBase):
+class Service(JobsApi, RegistryApi, CommandsApi, StreamsApi, TemplatesApi, EventsApi,
+              ServiceBase):
     """All jobsd behaviour behind one lock; front ends translate wire formats only."""
 
     def next_deadline(self) -> Optional[float]:

@@ -183,7 +183,7 @@ def job_view(job: Job, arn: str, executions: list[Execution]) -> dict[str, Any]:
     out["jobProcessDetails"] = process_details(executions)
     for name in ("timeoutConfig", "presignedUrlConfig", "jobExecutionsRolloutConfig",
                  "abortConfig", "jobExecutionsRetryConfig", "schedulingConfig",
-                 "documentParameters", "namespaceId"):
+                 "documentParameters", "namespaceId", "jobTemplateArn"):
         if name in job.config:
             out[name] = job.config[name]
     out["isConcurrent"] = False
