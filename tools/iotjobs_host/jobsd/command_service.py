@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 from . import commands as cmds
 from . import views
-from .rules import (ApiError, DeviceError)
-from .store import (Command, CommandExecution)
+from .rules import ApiError, DeviceError
+from .store import Command, CommandExecution
 from .core import Delivery, _not_found, _page, _sort_order, _Tracker
 
 log = logging.getLogger("jobsd.service")

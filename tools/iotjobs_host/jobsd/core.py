@@ -27,9 +27,8 @@ from . import streamfiles
 from . import streams as sts
 from . import views
 from .files import PLACEHOLDER, FileStore
-from .rules import (MAX_PENDING_LISTED,
-                    ApiError)
-from .store import (Execution, Store)
+from .rules import MAX_PENDING_LISTED, ApiError, is_number
+from .store import Execution, Store
 
 log = logging.getLogger("jobsd.service")
 
@@ -144,7 +143,10 @@ class ServiceBase:
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._publish = publish
-        self._clock = clock
+        # jobsd's clock: every timer, rollout minute, schedule and window follows it. Only the
+        # test hook `advanceClock` (with --test-hooks) moves the offset; it is 0 otherwise.
+        self._wall = clock
+        self.clock_offset = 0.0
         self.region = region
         self.account = account
         self.minute_seconds = minute_seconds
@@ -162,6 +164,13 @@ class ServiceBase:
         self.test_hooks = False              # --test-hooks: PUT /_jobsd/test-hooks works
 
     # -- plumbing ------------------------------------------------------------------------------
+    def _clock(self) -> float:
+        return self._wall() + self.clock_offset
+
+    def clock(self) -> float:
+        """jobsd's time, epoch seconds (the wall clock unless a test moved it forward)."""
+        return self._wall() + self.clock_offset
+
     def set_publisher(self, publish: Publish) -> None:
         with self.lock:
             self._publish = publish
@@ -186,6 +195,37 @@ class ServiceBase:
             if tracker.earliest is not None:
                 self.on_deadline(tracker.earliest)
             return result
+
+    def set_test_hooks(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`PUT /_jobsd/test-hooks` (only with --test-hooks): `streamFault` = "InternalError"
+        makes every stream request fail so, "Silent" leaves every stream request unanswered (a
+        service that says nothing, STREAMS.md 11.23), null clears it; `streamStrictEof` switches
+        the past-the-end rule of GetStream requests without `n`; `advanceClock` (seconds, >= 0)
+        moves jobsd's clock forward and, before replying, does everything then due (timeouts,
+        rollout minutes, schedules, windows), so a test never waits for a minute."""
+        if not self.test_hooks:
+            raise ApiError("UnknownOperationException", 404,
+                           "test hooks are off (start jobsd with --test-hooks)")
+        with self.lock:
+            if "advanceClock" in body:
+                step = body["advanceClock"]
+                if not is_number(step) or not 0 <= step <= 10 * 366 * 86400:
+                    raise _invalid("advanceClock must be a number of seconds, 0..10 years")
+                self.clock_offset += step
+                upcoming = self.expire_due()  # type: ignore[attr-defined]  (service.py)
+                if upcoming is not None:
+                    self.on_deadline(upcoming)
+            if "streamFault" in body:
+                fault = body["streamFault"]
+                if fault not in (None, "InternalError", "Silent"):
+                    raise sts.invalid("streamFault must be InternalError, Silent or null")
+                self.stream_fault = fault
+            if "streamStrictEof" in body:
+                if not isinstance(body["streamStrictEof"], bool):
+                    raise sts.invalid("streamStrictEof must be a boolean")
+                self.stream_strict_eof = body["streamStrictEof"]
+            return {"streamFault": self.stream_fault, "streamStrictEof": self.stream_strict_eof,
+                    "now": self.clock()}
 
     def thing_arn(self, name: str) -> str:
         return f"arn:aws:iot:{self.region}:{self.account}:thing/{name}"

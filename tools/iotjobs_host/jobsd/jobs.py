@@ -20,7 +20,7 @@ from .rules import (DEVICE_STATUSES, MAX_DESCRIPTION, MAX_DOCUMENT, MAX_PENDING_
                     MAX_STEP_MINUTES, NEXT, TERMINAL, ApiError, DeviceError, DescribeRequest,
                     StartNextRequest, UpdateRequest, check_status_details, is_int,
                     parse_json, valid_job_id, valid_thing_name)
-from .store import (Execution, Job)
+from .store import Execution, Job
 from .core import MAX_PRESIGN, MIN_PRESIGN, _invalid, _not_found, _page, _Tracker
 
 log = logging.getLogger("jobsd.service")

@@ -14,9 +14,8 @@ import uuid
 from typing import Any, Optional
 
 from . import views
-from .rules import (MAX_DESCRIPTION, ApiError, valid_thing_name)
-from .store import (Execution, Thing,
-                    ThingGroup)
+from .rules import MAX_DESCRIPTION, ApiError, valid_thing_name
+from .store import Execution, Thing, ThingGroup
 from .core import (MAX_GROUP_DEPTH, MAX_GROUPS_PER_THING, _Tracker, _attributes, _invalid,
                    _not_found, _page)
 

@@ -78,6 +78,15 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and MIN_LONG <= value <= MAX_LONG
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number (integer or float, not bool, not NaN or infinite)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value)
+
+
 def parse_long(text: str) -> int:
     """A `long` from a query string or path label; ValueError outside the 64-bit range."""
     value = int(text)

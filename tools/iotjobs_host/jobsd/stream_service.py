@@ -11,8 +11,8 @@ from typing import Any, Optional
 from . import ota as otas
 from . import streamfiles
 from . import streams as sts
-from .rules import (ApiError)
-from .store import (OtaUpdate, Stream)
+from .rules import ApiError
+from .store import OtaUpdate, Stream
 from .core import _not_found, _page, _StreamView, _Tracker
 
 log = logging.getLogger("jobsd.service")
@@ -158,26 +158,6 @@ class StreamsApi:
             self._store.delete_stream(stream_id)
             self._stream_changed(stream_id)
         self._run(op)
-
-    def set_test_hooks(self, body: dict[str, Any]) -> dict[str, Any]:
-        """`PUT /_jobsd/test-hooks` (only with --test-hooks): `streamFault` = "InternalError"
-        makes every stream request fail so, "Silent" leaves every stream request unanswered (a
-        service that says nothing, STREAMS.md 11.23), null clears it; `streamStrictEof` switches
-        the past-the-end rule of GetStream requests without `n`."""
-        if not self.test_hooks:
-            raise ApiError("UnknownOperationException", 404,
-                           "test hooks are off (start jobsd with --test-hooks)")
-        with self.lock:
-            if "streamFault" in body:
-                fault = body["streamFault"]
-                if fault not in (None, "InternalError", "Silent"):
-                    raise sts.invalid("streamFault must be InternalError, Silent or null")
-                self.stream_fault = fault
-            if "streamStrictEof" in body:
-                if not isinstance(body["streamStrictEof"], bool):
-                    raise sts.invalid("streamStrictEof must be a boolean")
-                self.stream_strict_eof = body["streamStrictEof"]
-            return {"streamFault": self.stream_fault, "streamStrictEof": self.stream_strict_eof}
 
     # -- streams: device side (MQTT) --------------------------------------------------------------
     def _stream_view(self, stream_id: str, token: Optional[str]) -> _StreamView:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Optional
 from collections.abc import Callable
 
@@ -20,9 +19,9 @@ log = logging.getLogger("jobsd.timers")
 
 
 class TimerThread:
-    def __init__(self, service: Service, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, service: Service, clock: Optional[Callable[[], float]] = None) -> None:
         self._service = service
-        self._clock = clock
+        self._clock = clock or service.clock  # the service's clock, moved by tests too
         self._cond = threading.Condition(service.lock)
         self._stopping = False
         self._scheduled: Optional[float] = None  # the deadline the thread is sleeping towards
