@@ -14,7 +14,10 @@ from typing import Any, Optional
 
 from .rest import Reply, Request, Router
 from .rules import ALL_STATUSES, ApiError, parse_long
+from .campaign import add_routes as campaign_routes
+from .events import add_routes as event_routes
 from .service import Service
+from .template_service import add_routes as template_routes
 
 
 def _status_filter(req: Request, allowed: tuple[str, ...]) -> Optional[str]:
@@ -227,4 +230,7 @@ def build_router(service: Service) -> Router:
     router.add("DELETE", "/otaUpdates/{otaUpdateId}", delete_ota_update)
     # not AWS: flips fault injection for tests (404 unless jobsd runs with --test-hooks)
     router.add("PUT", "/_jobsd/test-hooks", test_hooks)
+    template_routes(router, service)   # job templates, custom and managed
+    event_routes(router, service)      # Describe/UpdateEventConfigurations
+    campaign_routes(router, service)   # UpdateJob, AssociateTargetsWithJob
     return router

@@ -271,9 +271,10 @@ class ServiceBase:
         deadline = ex.timeout_at
         return None if deadline is None else max(0, round(deadline - self._clock()))
 
-    def _refresh_job(self, job_id: str, now: int) -> None:
-        """A SNAPSHOT job completes when every execution is terminal; CONTINUOUS never does."""
-        if not self._store.job_can_complete(job_id):
+    def _refresh_job(self, job_id: str, now: int, tracker: _Tracker) -> None:
+        """A SNAPSHOT job completes when every execution is terminal, its rollout is done and
+        no retry is pending (campaign.py); CONTINUOUS never does."""
+        if not self._store.job_can_complete(job_id) or not self._rollout_done(job_id):
             return
         job = self._store.get_job(job_id)
         assert job is not None
@@ -281,6 +282,7 @@ class ServiceBase:
         job.completed_at = now
         job.last_updated_at = now
         self._store.save_job(job)
+        self._job_event(tracker, job, "completed")
 
     # -- timers --------------------------------------------------------------------------------
 

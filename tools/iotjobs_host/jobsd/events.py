@@ -15,3 +15,7 @@ class EventsApi:
     def _execution_event(self, tracker: Any, ex: Execution) -> None:
         """`$aws/events/jobExecution/<jobId>/<status>` for an execution that just turned
         terminal, when JOB_EXECUTION events are on."""
+
+
+def add_routes(router: Any, service: Any) -> None:
+    """The control-plane operations of this part (control.py calls it)."""

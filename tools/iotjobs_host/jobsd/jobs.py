@@ -145,7 +145,7 @@ class JobsApi:
                 self._set_step_timer(ex, req.step_timeout, tracker)
             self._store.save_execution(ex)
             if req.status in TERMINAL:
-                self._refresh_job(job_id, now)
+                self._execution_ended(ex, now, tracker)
             return ex, (self._deliver(job_id) if req.include_document else "")
         return self._run(op)
 
@@ -271,7 +271,7 @@ class JobsApi:
                 self._store.insert_execution(Execution(
                     job_id=job_id, thing_name=name, execution_number=1, status="QUEUED",
                     queued_at=now, last_updated_at=now, version_number=1))
-            self._refresh_job(job_id, now)  # a SNAPSHOT of empty groups has nothing to do
+            self._refresh_job(job_id, now, tracker)  # a SNAPSHOT of empty groups: nothing to do
             out: dict[str, Any] = {"jobArn": self.job_arn(job_id), "jobId": job_id}
             if description is not None:
                 out["description"] = description
@@ -324,21 +324,7 @@ class JobsApi:
             job = self._job_or_404(job_id)
             if job.status == "COMPLETED":
                 raise _invalid(f"Job {job_id} is already completed and cannot be canceled.")
-            job.status = "CANCELED"
-            job.force_canceled = job.force_canceled or force
-            job.reason_code = reason if reason is not None else job.reason_code
-            job.comment = comment if comment is not None else job.comment
-            job.last_updated_at = now
-            self._store.save_job(job)
-            for ex in self._store.executions_for_job(job_id):
-                if ex.status == "QUEUED" or (force and ex.status == "IN_PROGRESS"):
-                    tracker.touch(ex.thing_name)
-                    ex.force_canceled = ex.status == "IN_PROGRESS"
-                    ex.status = "CANCELED"
-                    ex.last_updated_at = now
-                    ex.version_number += 1
-                    self._end_timers(ex)
-                    self._store.save_execution(ex)
+            self._cancel_job(job, force, reason, comment, now, tracker)
             out: dict[str, Any] = {"jobArn": self.job_arn(job_id), "jobId": job_id}
             if job.description is not None:
                 out["description"] = job.description
@@ -355,10 +341,12 @@ class JobsApi:
                                  for ex in self._store.executions_for_job(job_id)):
                 raise ApiError("InvalidStateTransitionException", 409,
                                f"Job {job_id} has executions IN_PROGRESS; set force=true.")
+            self._job_event(tracker, job, "deletion_in_progress")
             for ex in self._store.executions_for_job(job_id):
                 tracker.touch(ex.thing_name)
             self._store.delete_job(job_id)
             self._docs.pop(job_id, None)
+            self._job_event(tracker, job, "deleted")
         self._run(op)
 
     # -- control plane: executions -------------------------------------------------------------
@@ -433,7 +421,7 @@ class JobsApi:
             ex.version_number += 1
             self._end_timers(ex)
             self._store.save_execution(ex)
-            self._refresh_job(job_id, now)
+            self._execution_ended(ex, now, tracker)
         self._run(op)
 
     def delete_job_execution(self, job_id: str, thing: str, number: int, force: bool) -> None:
@@ -444,7 +432,7 @@ class JobsApi:
                                f"Job execution is {ex.status}; set force=true to delete it.")
             tracker.touch(thing)
             self._store.delete_execution(ex)
-            self._refresh_job(job_id, now)
+            self._refresh_job(job_id, now, tracker)
         self._run(op)
 
     # -- AWS IoT commands: shared ---------------------------------------------------------------

@@ -270,6 +270,7 @@ class RegistryApi:
             latest.version_number += 1
             self._end_timers(latest)
             self._store.save_execution(latest)
+            self._execution_event(tracker, latest)
 
     def list_things_in_thing_group(self, name: str, recursive: bool, max_results: Optional[int],
                                    token: Optional[str]) -> dict[str, Any]:

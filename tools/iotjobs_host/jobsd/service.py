@@ -7,6 +7,7 @@ control.py, data.py) call it and translate wire formats only.
 |---|---|
 | core.py | the lock, one transaction per request, notify/notify-next after the commit, ARNs, documents |
 | jobs.py | the device API, jobs and executions on the control plane, execution timers |
+| campaign.py | rollout, abort, retries, scheduling and maintenance windows: what happens when an execution ends and when a job's time comes |
 | registry.py | things, thing groups, and what membership does to continuous jobs |
 | command_service.py | AWS IoT commands and their executions |
 | stream_service.py | streams, OTA updates, the device's stream requests |
@@ -23,6 +24,7 @@ from . import commands as cmds
 from .command_service import CommandsApi
 from .core import Delivery, Publish, ServiceBase, _Tracker, encode, jobs_topic
 from .events import EventsApi
+from .campaign import CampaignApi
 from .jobs import JobsApi
 from .registry import RegistryApi
 from .stream_service import StreamsApi
@@ -33,13 +35,13 @@ __all__ = ["Delivery", "Publish", "Service", "encode", "jobs_topic"]
 log = logging.getLogger("jobsd.service")
 
 
-class Service(JobsApi, RegistryApi, CommandsApi, StreamsApi, TemplatesApi, EventsApi,
+class Service(CampaignApi, JobsApi, RegistryApi, CommandsApi, StreamsApi, TemplatesApi, EventsApi,
               ServiceBase):
     """All jobsd behaviour behind one lock; front ends translate wire formats only."""
 
     def next_deadline(self) -> Optional[float]:
         with self.lock:
-            return self._store.next_deadline()
+            return self._next_deadline()
 
     def expire_due(self) -> Optional[float]:
         """Time out every execution whose deadline has passed, remove commands whose pending
@@ -58,7 +60,6 @@ class Service(JobsApi, RegistryApi, CommandsApi, StreamsApi, TemplatesApi, Event
             for command_id in self._store.due_command_deletions(at):
                 log.info("command %s deleted (its pending deletion is due)", command_id)
                 self._store.delete_command(command_id)
-            jobs: dict[str, None] = {}
             for ex in self._store.due_executions(self._clock()):
                 log.info("execution %s #%d on %s timed out", ex.job_id, ex.execution_number,
                          ex.thing_name)
@@ -68,8 +69,7 @@ class Service(JobsApi, RegistryApi, CommandsApi, StreamsApi, TemplatesApi, Event
                 ex.version_number += 1
                 self._end_timers(ex)
                 self._store.save_execution(ex)
-                jobs[ex.job_id] = None
-            for job_id in jobs:
-                self._refresh_job(job_id, now)
-            return self._store.next_deadline()
+                self._execution_ended(ex, now, tracker)
+            self._campaign_due(tracker, now)
+            return self._next_deadline()
         return self._run(op)

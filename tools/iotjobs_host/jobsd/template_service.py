@@ -10,3 +10,7 @@ class TemplatesApi:
         """CreateJob's body with the template's document and configs filled in where the body
         has none, and the document before substitution (None without a managed template)."""
         return body, None
+
+
+def add_routes(router: Any, service: Any) -> None:
+    """The control-plane operations of this part (control.py calls it)."""
