@@ -1153,6 +1153,6 @@ def test_a_schema_3_database_is_upgraded_in_place(tmp_path: Path, mosquitto: sta
         j.stop()
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 5
     finally:
         conn.close()

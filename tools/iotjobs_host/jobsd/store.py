@@ -24,6 +24,11 @@ theirs the same way: `command_executions.timeout_at` (creation + executionTimeou
 the execution can still time out) and `commands.delete_at` (when a command pending deletion is
 removed for good); `next_deadline()` is the earliest of all three.
 
+Schema 5 adds fleet campaigns: each execution's `retry_attempt` and `hidden` (QUEUED but
+outside its job's maintenance window: not pending for devices), job templates, and one
+`rollouts` row per job with campaign state (unreleased targets, rate step, schedule) and
+`next_at`, when the clock next has work for it; `next_deadline()` includes it.
+
 Streams (schema 4) keep their files as one JSON list per row, with each file's size and SHA-256
 as recorded at CreateStream / UpdateStream; device requests never read this table per block
 (the service caches a stream's view until it changes). OTA updates keep the CreateOTAUpdate
@@ -191,10 +196,29 @@ CREATE TABLE ota_updates (
 CREATE INDEX ota_updates_by_stream ON ota_updates (stream_id);
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+_SCHEMA_V5 = """
+ALTER TABLE executions ADD COLUMN retry_attempt INTEGER NOT NULL DEFAULT 0;  -- 0: the first
+-- a QUEUED execution of a job whose maintenance window is closed: devices do not see it
+ALTER TABLE executions ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE job_templates (
+    template_id  TEXT PRIMARY KEY,
+    seq          INTEGER NOT NULL,       -- creation order (ListJobTemplates)
+    body         TEXT NOT NULL,          -- JSON: description, document, configs as stored
+    created_at   REAL NOT NULL
+);
+CREATE TABLE rollouts (                  -- campaign state of a job (campaign.py)
+    job_id   TEXT PRIMARY KEY,
+    state    TEXT NOT NULL,              -- JSON object
+    next_at  REAL                        -- when the clock next has work for this job
+);
+CREATE INDEX rollouts_next ON rollouts (next_at) WHERE next_at IS NOT NULL;
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_PENDING = "status IN ('IN_PROGRESS', 'QUEUED')"
+# what a device sees as pending: a QUEUED execution outside its job's window is hidden
+_PENDING = "(status='IN_PROGRESS' OR (status='QUEUED' AND hidden=0))"
 
 
 @dataclass
@@ -240,6 +264,8 @@ class Execution:
     force_canceled: bool = False
     seq: int = 0
     progress_deadline: Optional[float] = None
+    retry_attempt: int = 0       # retries done for this job on this thing before this one
+    hidden: bool = False         # QUEUED outside its job's maintenance window
 
     @property
     def key(self) -> tuple[str, int]:
@@ -371,16 +397,17 @@ def _job(row: sqlite3.Row) -> Job:
 # Executions are read often (every device request): explicit columns, positional access.
 _EX_COLS = ("seq, job_id, thing_name, execution_number, status, status_details, queued_at,"
             " started_at, last_updated_at, version_number, step_deadline, force_canceled,"
-            " progress_deadline")
+            " progress_deadline, retry_attempt, hidden")
 _EX_SELECT = f"SELECT {_EX_COLS} FROM executions"
 
 
 def _execution(row: Any) -> Execution:
     (seq, job_id, thing_name, number, status, details, queued_at, started_at, last_updated_at,
-     version, step_deadline, force_canceled, progress_deadline) = row
+     version, step_deadline, force_canceled, progress_deadline, retry_attempt, hidden) = row
     return Execution(job_id, thing_name, number, status, queued_at, last_updated_at, version,
                      None if details is None else json.loads(details), started_at,
-                     step_deadline, bool(force_canceled), seq, progress_deadline)
+                     step_deadline, bool(force_canceled), seq, progress_deadline,
+                     retry_attempt, bool(hidden))
 
 
 def _json_or_none(text: Optional[str]) -> Any:
@@ -485,6 +512,60 @@ class Store:
             self._db.execute("INSERT INTO settings (name, value) VALUES (?, ?)", (name, value))
             return value
 
+    def set_setting(self, name: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)",
+                         (name, value))
+
+    def get_setting(self, name: str) -> Optional[str]:
+        row = self._db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- job templates -------------------------------------------------------------------------
+    def get_template(self, template_id: str) -> Optional[dict[str, Any]]:
+        """{templateId, seq, body (dict), createdAt} or None."""
+        row = self._db.execute("SELECT * FROM job_templates WHERE template_id=?",
+                               (template_id,)).fetchone()
+        return None if row is None else {"templateId": row["template_id"], "seq": row["seq"],
+                                         "body": json.loads(row["body"]),
+                                         "createdAt": row["created_at"]}
+
+    def insert_template(self, template_id: str, body: dict[str, Any], created_at: float) -> None:
+        self._db.execute("INSERT INTO job_templates (template_id, seq, body, created_at)"
+                         " VALUES (?, ?, ?, ?)", (template_id, self.next_counter("template"),
+                                                  json.dumps(body), created_at))
+
+    def delete_template(self, template_id: str) -> bool:
+        return self._db.execute("DELETE FROM job_templates WHERE template_id=?",
+                                (template_id,)).rowcount > 0
+
+    def list_templates(self) -> list[dict[str, Any]]:
+        """Oldest first."""
+        return [{"templateId": r["template_id"], "seq": r["seq"], "body": json.loads(r["body"]),
+                 "createdAt": r["created_at"]}
+                for r in self._db.execute("SELECT * FROM job_templates ORDER BY seq")]
+
+    # -- rollouts (campaign state) -------------------------------------------------------------
+    def get_rollout(self, job_id: str) -> Optional[dict[str, Any]]:
+        row = self._db.execute("SELECT state FROM rollouts WHERE job_id=?", (job_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def save_rollout(self, job_id: str, state: dict[str, Any], next_at: Optional[float]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO rollouts (job_id, state, next_at)"
+                         " VALUES (?, ?, ?)", (job_id, json.dumps(state), next_at))
+
+    def delete_rollout(self, job_id: str) -> None:
+        self._db.execute("DELETE FROM rollouts WHERE job_id=?", (job_id,))
+
+    def due_rollouts(self, now: float) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT job_id FROM rollouts WHERE next_at IS NOT NULL AND next_at <= ?"
+            " ORDER BY next_at, job_id", (now,))]
+
+    def next_rollout_at(self) -> Optional[float]:
+        row = self._db.execute("SELECT MIN(next_at) FROM rollouts WHERE next_at IS NOT NULL"
+                               ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     # -- things --------------------------------------------------------------------------------
     def get_thing(self, name: str) -> Optional[Thing]:
         row = self._db.execute("SELECT * FROM things WHERE name=?", (name,)).fetchone()
@@ -524,6 +605,7 @@ class Store:
              job.job_id))
 
     def delete_job(self, job_id: str) -> None:
+        self._db.execute("DELETE FROM rollouts WHERE job_id=?", (job_id,))
         self._db.execute("DELETE FROM executions WHERE job_id=?", (job_id,))
         self._db.execute("DELETE FROM job_groups WHERE job_id=?", (job_id,))
         self._db.execute("DELETE FROM jobs WHERE job_id=?", (job_id,))
@@ -550,12 +632,13 @@ class Store:
         cur = self._db.execute(
             "INSERT INTO executions (job_id, thing_name, execution_number, status, status_details,"
             " queued_at, started_at, last_updated_at, version_number, step_deadline,"
-            " force_canceled, progress_deadline, timeout_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " force_canceled, progress_deadline, timeout_at, retry_attempt, hidden)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ex.job_id, ex.thing_name, ex.execution_number, ex.status,
              None if ex.status_details is None else json.dumps(ex.status_details),
              ex.queued_at, ex.started_at, ex.last_updated_at, ex.version_number,
-             ex.step_deadline, int(ex.force_canceled), ex.progress_deadline, ex.timeout_at))
+             ex.step_deadline, int(ex.force_canceled), ex.progress_deadline, ex.timeout_at,
+             ex.retry_attempt, int(ex.hidden)))
         ex.seq = int(cur.lastrowid or 0)
         return ex
 
@@ -563,10 +646,11 @@ class Store:
         self._db.execute(
             "UPDATE executions SET status=?, status_details=?, started_at=?, last_updated_at=?,"
             " version_number=?, step_deadline=?, force_canceled=?, progress_deadline=?,"
-            " timeout_at=? WHERE seq=?",
+            " timeout_at=?, hidden=? WHERE seq=?",
             (ex.status, None if ex.status_details is None else json.dumps(ex.status_details),
              ex.started_at, ex.last_updated_at, ex.version_number, ex.step_deadline,
-             int(ex.force_canceled), ex.progress_deadline, ex.timeout_at, ex.seq))
+             int(ex.force_canceled), ex.progress_deadline, ex.timeout_at, int(ex.hidden),
+             ex.seq))
 
     def delete_execution(self, ex: Execution) -> None:
         self._db.execute("DELETE FROM executions WHERE seq=?", (ex.seq,))
@@ -618,7 +702,8 @@ class Store:
             " SELECT MIN(timeout_at) AS t FROM executions WHERE timeout_at IS NOT NULL"
             " UNION ALL SELECT MIN(timeout_at) FROM command_executions"
             " WHERE timeout_at IS NOT NULL"
-            " UNION ALL SELECT MIN(delete_at) FROM commands WHERE delete_at IS NOT NULL)"
+            " UNION ALL SELECT MIN(delete_at) FROM commands WHERE delete_at IS NOT NULL"
+            " UNION ALL SELECT MIN(next_at) FROM rollouts WHERE next_at IS NOT NULL)"
         ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 

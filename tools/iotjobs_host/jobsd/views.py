@@ -102,6 +102,7 @@ def control_execution_summary(ex: Execution) -> dict[str, Any]:
         out["startedAt"] = ex.started_at
     out["lastUpdatedAt"] = ex.last_updated_at
     out["executionNumber"] = ex.execution_number
+    out["retryAttempt"] = ex.retry_attempt
     return out
 
 
