@@ -21,6 +21,7 @@ from .rules import (DEVICE_STATUSES, MAX_DESCRIPTION, MAX_DOCUMENT, MAX_PENDING_
                     StartNextRequest, UpdateRequest, check_status_details, is_int,
                     parse_json, valid_job_id, valid_thing_name)
 from .store import Execution, Job
+from .campaign import MAX_TARGETS, validate_configs
 from .core import MAX_PRESIGN, MIN_PRESIGN, _invalid, _not_found, _page, _Tracker
 
 log = logging.getLogger("jobsd.service")
@@ -206,6 +207,9 @@ class JobsApi:
         if not isinstance(targets, list) or not targets:
             raise _invalid("targets must be a non-empty list of thing or thing-group ARNs")
         resolved = list(dict.fromkeys(self._target_from_arn(arn) for arn in targets))
+        if len(resolved) > MAX_TARGETS:
+            raise ApiError("LimitExceededException", 410,
+                           f"A job can have at most {MAX_TARGETS} targets.")
         selection = body.get("targetSelection", "SNAPSHOT")
         if selection not in ("SNAPSHOT", "CONTINUOUS"):
             raise _invalid("targetSelection must be SNAPSHOT or CONTINUOUS")
@@ -232,7 +236,8 @@ class JobsApi:
             role = presign.get("roleArn")
             if role is not None and (not isinstance(role, str) or not 20 <= len(role) <= 2048):
                 raise _invalid("presignedUrlConfig.roleArn must be 20..2048 characters")
-        # Options kept verbatim for DescribeJob (rollout, abort, retry are not acted upon).
+        validate_configs(body, self._clock())  # rollout, abort, retry, scheduling
+        # Options kept verbatim for DescribeJob; campaign.py acts on them.
         config = {k: body[k] for k in ("timeoutConfig", "presignedUrlConfig",
                                        "jobExecutionsRolloutConfig", "abortConfig",
                                        "jobExecutionsRetryConfig", "schedulingConfig",
@@ -266,11 +271,8 @@ class JobsApi:
             for kind, name in resolved:
                 if kind == "thinggroup":
                     self._store.add_job_group(job_id, name)
-            for name in dict.fromkeys(names):
-                tracker.touch(name)
-                self._store.insert_execution(Execution(
-                    job_id=job_id, thing_name=name, execution_number=1, status="QUEUED",
-                    queued_at=now, last_updated_at=now, version_number=1))
+            # released at once, or staged by the rollout config and schedule (campaign.py)
+            self._begin_rollout(job, list(dict.fromkeys(names)), now, tracker)
             self._refresh_job(job_id, now, tracker)  # a SNAPSHOT of empty groups: nothing to do
             out: dict[str, Any] = {"jobArn": self.job_arn(job_id), "jobId": job_id}
             if description is not None:
@@ -287,8 +289,8 @@ class JobsApi:
     def describe_job(self, job_id: str) -> dict[str, Any]:
         def op(_: _Tracker, __: int) -> dict[str, Any]:
             job = self._job_or_404(job_id)
-            return {"job": views.job_view(job, self.job_arn(job_id),
-                                          self._store.executions_for_job(job_id))}
+            return {"job": self._campaign_view(job, views.job_view(
+                job, self.job_arn(job_id), self._store.executions_for_job(job_id)))}
         return self._run(op)
 
     def get_job_document(self, job_id: str, before_substitution: bool = False) -> dict[str, Any]:
@@ -306,7 +308,8 @@ class JobsApi:
                   max_results: Optional[int], token: Optional[str]) -> dict[str, Any]:
         def op(_: _Tracker, __: int) -> dict[str, Any]:
             group_arn = None if group is None else self.group_arn(group)
-            rows = [views.job_summary(j, self.job_arn(j.job_id)) for j in self._store.list_jobs()
+            rows = [views.job_summary(j, self.job_arn(j.job_id), self._rolling(j.job_id))
+                    for j in self._store.list_jobs()
                     if (status is None or j.status == status)
                     and (selection is None or j.target_selection == selection)
                     and (group_arn is None or group_arn in j.targets)]

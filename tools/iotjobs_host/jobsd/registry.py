@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from . import views
 from .rules import MAX_DESCRIPTION, ApiError, valid_thing_name
-from .store import Execution, Thing, ThingGroup
+from .store import Thing, ThingGroup
 from .core import (MAX_GROUP_DEPTH, MAX_GROUPS_PER_THING, _Tracker, _attributes, _invalid,
                    _not_found, _page)
 
@@ -237,11 +237,7 @@ class RegistryApi:
                 latest = self._store.get_execution(job_id, thing)
                 if latest is not None and latest.status != "REMOVED":
                     continue  # one execution per thing; a REMOVED one is queued afresh
-                tracker.touch(thing)
-                self._store.insert_execution(Execution(
-                    job_id=job_id, thing_name=thing,
-                    execution_number=1 if latest is None else latest.execution_number + 1,
-                    status="QUEUED", queued_at=now, last_updated_at=now, version_number=1))
+                self._late_joiner(job_id, thing, latest, now, tracker)  # campaign.py
         self._run(op)
 
     def remove_thing_from_thing_group(self, body: dict[str, Any]) -> None:

@@ -604,6 +604,12 @@ class Store:
              json.dumps(job.config), job.description, job.last_updated_at, job.completed_at,
              job.job_id))
 
+    def save_job_targets(self, job: Job) -> None:
+        """AssociateTargetsWithJob: the targets and what save_job writes."""
+        self._db.execute("UPDATE jobs SET targets=? WHERE job_id=?",
+                         (json.dumps(job.targets), job.job_id))
+        self.save_job(job)
+
     def delete_job(self, job_id: str) -> None:
         self._db.execute("DELETE FROM rollouts WHERE job_id=?", (job_id,))
         self._db.execute("DELETE FROM executions WHERE job_id=?", (job_id,))

@@ -147,23 +147,19 @@ _COUNT_NAMES = {
 
 
 def process_details(executions: list[Execution]) -> dict[str, int]:
-    """Counts per status over the latest execution of each thing."""
-    latest: dict[str, Execution] = {}
-    for ex in executions:
-        known = latest.get(ex.thing_name)
-        if known is None or ex.execution_number > known.execution_number:
-            latest[ex.thing_name] = ex
+    """Counts per status over every execution record: a retried thing counts once per attempt
+    (FLEET.md 3.3, 6.2: boto3#4656 saw 3 failed for one thing retried twice)."""
     counts = {name: 0 for name in _COUNT_NAMES.values()}
-    for ex in latest.values():
+    for ex in executions:
         counts[_COUNT_NAMES[ex.status]] += 1
     return counts
 
 
-def job_summary(job: Job, arn: str) -> dict[str, Any]:
+def job_summary(job: Job, arn: str, concurrent: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"jobArn": arn, "jobId": job.job_id,
                            "targetSelection": job.target_selection, "status": job.status,
                            "createdAt": job.created_at, "lastUpdatedAt": job.last_updated_at,
-                           "isConcurrent": False}
+                           "isConcurrent": concurrent}
     if job.completed_at is not None:
         out["completedAt"] = job.completed_at
     return out
