@@ -235,6 +235,10 @@ def advance_step(rollout: dict[str, Any], step: int, notified: int, succeeded: i
 
 
 class CampaignApi:
+    def _validate_campaign(self, body: dict[str, Any]) -> None:
+        """The campaign configs of a CreateJobTemplate body (template_service.py)."""
+        validate_configs(body, self._clock())
+
     # -- rollout -------------------------------------------------------------------------------
     def _begin_rollout(self, job: Job, names: list[str], now: int, tracker: _Tracker) -> None:
         """CreateJob's targets, resolved: released at once, or staged by a rollouts row."""
