@@ -482,6 +482,10 @@ class CampaignApi:
             return
         mine = [e for e in self._store.executions_for_job(job.job_id)
                 if e.thing_name == ex.thing_name]
+        # a thing that left a continuous job's groups and came back starts again at zero
+        removed = [e.execution_number for e in mine if e.status == "REMOVED"]
+        if removed:
+            mine = [e for e in mine if e.execution_number > max(removed)]
         if "ALL" in budget:
             used = sum(1 for e in mine if e.status in ("FAILED", "TIMED_OUT"))
             allowed = budget["ALL"]
