@@ -452,7 +452,7 @@ def test_cancel_job(svc: Jobsd, events: Events, things: Callable[[int], list[str
     assert in_progress["status"] == "CANCELLATION_IN_PROGRESS"
     # the guide's example carries the operation's comment; until CancelJob hands it to the
     # event, the job had none yet when it was sent
-    assert in_progress.get("comment", "stop the rollout") == "stop the rollout"
+    assert in_progress["comment"] == "stop the rollout"
     check_job_event(seen[3][1], job, "canceled", "CANCELED")
     assert seen[3][1]["lastUpdatedAt"] == ms(job["lastUpdatedAt"])
 

@@ -511,7 +511,8 @@ class CampaignApi:
         """CancelJob, an abort, or a schedule's end: the job CANCELED, its QUEUED executions
         (queued retries among them) and with `force` its IN_PROGRESS ones CANCELED, nothing
         more released or retried."""
-        self._job_event(tracker, job, "cancellation_in_progress")
+        self._job_event(tracker, job, "cancellation_in_progress",
+                        {"comment": comment} if comment is not None else None)
         job.status = "CANCELED"
         job.force_canceled = job.force_canceled or force
         job.reason_code = reason if reason is not None else job.reason_code

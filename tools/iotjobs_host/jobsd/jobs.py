@@ -434,6 +434,7 @@ class JobsApi:
                 raise ApiError("InvalidStateTransitionException", 409,
                                f"Job execution is {ex.status}; set force=true to delete it.")
             tracker.touch(thing)
+            self._execution_event(tracker, ex, "deleted")
             self._store.delete_execution(ex)
             self._refresh_job(job_id, now, tracker)
         self._run(op)
