@@ -404,7 +404,11 @@ class Runner:
             self._abandon(j, None)
             return True
         status = ex.get("status")
-        if status in _TERMINAL:
+        if ex.get("executionNumber", j["n"]) != j["n"]:
+            # Another execution of the job answered (a retry replaced ours): the journal's
+            # attempt is over, and its step and checkpoint never carry over to another one.
+            status = "REPLACED"
+        if status in _TERMINAL or status == "REPLACED":
             self.log("job %s: %s at the service: abandoned" % (j["id"], status))
             self._abandon(j, ex.get("jobDocument"))
             return True
@@ -487,6 +491,10 @@ class Runner:
             self._want_next = True
             return
         n = ex.get("executionNumber")
+        if not isinstance(n, int) or isinstance(n, bool):  # the journal keys on (id, n)
+            self._later()
+            self._want_next = True
+            return
         if self.journal.job is not None:  # the journal's job comes first
             self._recover = True
             self._want_next = True
