@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from iotjobs_host import stack  # noqa: E402
+from iotjobs_host import pahofix, stack  # noqa: E402
 from iotjobs_host.pki import PKI  # noqa: E402
 
 MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
@@ -29,6 +29,7 @@ ALL_IMAGES = ("fleet32", "stock32", "pip")
 
 
 def pytest_configure(config):
+    pahofix.patch()  # paho's loop_stop() races its thread (tools/iotjobs_host/pahofix.py)
     config.addinivalue_line("markers", "images(*names): run the test once on each of these "
                             "device images (the `device` fixture's default image)")
 

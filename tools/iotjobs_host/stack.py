@@ -14,7 +14,7 @@ import time
 from typing import IO, Optional
 from collections.abc import Callable
 
-from . import TOOLS
+from . import TOOLS, pahofix
 from .pki import PKI
 from .devsim import DEFAULT_HEAP, DEFAULT_IMAGE
 
@@ -339,4 +339,4 @@ class Spy:
 
     def stop(self) -> None:
         self.client.disconnect()  # first, so the loop thread ends at once
-        self.client.loop_stop()
+        pahofix.loop_stop(self.client)

@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from .. import pahofix
 from . import commands as cmds
 from . import streams as sts
 from . import views
@@ -259,7 +260,7 @@ class MqttBridge:
     def stop(self) -> None:
         self._stopping = True
         self._client.disconnect()
-        self._client.loop_stop()
+        pahofix.loop_stop(self._client)
 
     def publish(self, topic: str, payload: bytes, delivery: Optional[Delivery] = None,
                 qos: int = 1) -> None:
