@@ -35,7 +35,6 @@ import calendar
 import http.client
 import json
 import math
-import os
 import re
 import threading
 import time
@@ -52,11 +51,6 @@ from botocore.exceptions import ClientError
 
 from iotjobs_host import stack
 
-# The lead flips this when campaign.py lands; IOTJOBS_CAMPAIGN_TESTS=1 runs the module anyway.
-CAMPAIGNS_READY = False
-pytestmark = pytest.mark.skipif(
-    not (CAMPAIGNS_READY or os.environ.get("IOTJOBS_CAMPAIGN_TESTS") == "1"),
-    reason="jobsd fleet campaigns (issue 15) not landed yet: set CAMPAIGNS_READY")
 
 REGION, ACCOUNT = "us-east-1", "123456789012"
 MINUTE = 60.0
@@ -212,7 +206,8 @@ class Env:
     def start(self) -> None:
         self.starts += 1
         self.jobsd = stack.Jobsd(str(self.tmp_path / "jobsd"), self.broker.broker, db=self.db,
-                                 extra=["--test-hooks", "--client-id", f"jobsd-{self.prefix}"],
+                                 extra=["--test-hooks", "--deletion-seconds", "60",
+                                        "--client-id", f"jobsd-{self.prefix}"],
                                  log_name=f"jobsd-{self.starts}.log")
         self.procs.append(self.jobsd)
         self.iot = self.jobsd.iot

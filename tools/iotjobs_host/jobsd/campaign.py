@@ -39,6 +39,7 @@ log = logging.getLogger("jobsd.campaign")
 DEFAULT_RATE = 1000            # things notified per minute without a rollout config (AWS)
 MAX_RATE = 1000
 MAX_TARGETS = 100              # targets of a job, AssociateTargetsWithJob included
+MAX_DELETING = 10              # jobs in DELETION_IN_PROGRESS at once
 FAILURE_TYPES = {"FAILED": ("FAILED",), "REJECTED": ("REJECTED",), "TIMED_OUT": ("TIMED_OUT",),
                  "ALL": ("FAILED", "REJECTED", "TIMED_OUT")}
 DONE = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT")
@@ -387,13 +388,14 @@ class CampaignApi:
 
     def _rollout_done(self, job_id: str) -> bool:
         state = self._store.get_rollout(job_id)
-        return state is None or (state["started"] and not state["pending"])
+        return state is None or state.get("deleting") or (state["started"] and
+                                                          not state["pending"])
 
     def _rolling(self, job_id: str) -> bool:
         """isConcurrent / processingTargets: executions are still being created."""
         state = self._store.get_rollout(job_id)
-        return state is not None and state["started"] and bool(state["pending"]) and \
-            not state["ended"]
+        return state is not None and not state.get("deleting") and state["started"] and \
+            bool(state["pending"]) and not state["ended"]
 
     def _campaign_due(self, tracker: _Tracker, now: int) -> None:
         t = self._clock()
@@ -401,6 +403,10 @@ class CampaignApi:
             job = self._store.get_job(job_id)
             state = self._store.get_rollout(job_id)
             if job is None or state is None:
+                continue
+            if state.get("deleting"):
+                self._store.delete_job(job_id)
+                self._job_event(tracker, job, "deleted")
                 continue
             self._advance(job, state, t, tracker)
 
@@ -535,6 +541,33 @@ class CampaignApi:
                 self._store.save_execution(ex)
                 self._execution_event(tracker, ex)
         self._job_event(tracker, job, "canceled")
+
+    # -- delete ----------------------------------------------------------------------------------
+    def _delete_job(self, job: Job, now: int, tracker: _Tracker) -> None:
+        """DeleteJob: its executions go at once (devices see nothing more of it); the job itself
+        stays DELETION_IN_PROGRESS for `deletion_seconds` of jobsd's clock (--deletion-seconds,
+        0 by default: gone at once), at most 10 jobs at a time (LimitExceededException 410)."""
+        if self.deletion_seconds > 0:
+            deleting = sum(1 for j in self._store.list_jobs()
+                           if j.status == "DELETION_IN_PROGRESS")
+            if deleting >= MAX_DELETING:
+                raise ApiError("LimitExceededException", 410,
+                               f"At most {MAX_DELETING} jobs can be in DELETION_IN_PROGRESS; "
+                               "try again when one of them is deleted.")
+        self._job_event(tracker, job, "deletion_in_progress")
+        for ex in self._store.executions_for_job(job.job_id):
+            tracker.touch(ex.thing_name)
+            self._store.delete_execution(ex)
+        self._docs.pop(job.job_id, None)
+        if self.deletion_seconds > 0:
+            job.status = "DELETION_IN_PROGRESS"
+            job.last_updated_at = now
+            self._store.save_job(job)
+            self._store.save_rollout(job.job_id, {"deleting": True},
+                                     self._clock() + self.deletion_seconds)
+            return
+        self._store.delete_job(job.job_id)
+        self._job_event(tracker, job, "deleted")
 
     # -- views -------------------------------------------------------------------------------
     def _campaign_view(self, job: Job, out: dict[str, Any]) -> dict[str, Any]:

@@ -162,6 +162,7 @@ class ServiceBase:
         self.stream_strict_eof = True        # STREAMS.md 4: no `n` and past the end rejects
         self.stream_fault: Optional[str] = None  # test hook: every stream request fails so
         self.test_hooks = False              # --test-hooks: PUT /_jobsd/test-hooks works
+        self.deletion_seconds = 0.0          # --deletion-seconds: DELETION_IN_PROGRESS lasts
 
     # -- plumbing ------------------------------------------------------------------------------
     def _clock(self) -> float:

@@ -325,8 +325,12 @@ class JobsApi:
 
         def op(tracker: _Tracker, now: int) -> dict[str, Any]:
             job = self._job_or_404(job_id)
-            if job.status == "COMPLETED":
-                raise _invalid(f"Job {job_id} is already completed and cannot be canceled.")
+            if job.status in ("COMPLETED", "DELETION_IN_PROGRESS"):
+                raise _invalid(f"Job {job_id} is {job.status} and cannot be canceled.")
+            if job.status == "CANCELED" and not (force and not job.force_canceled):
+                # FLEET.md 6.1 [P]; a forced cancel of a job canceled without force still
+                # cancels its IN_PROGRESS executions
+                raise _invalid(f"Job {job_id} is already canceled.")
             self._cancel_job(job, force, reason, comment, now, tracker)
             out: dict[str, Any] = {"jobArn": self.job_arn(job_id), "jobId": job_id}
             if job.description is not None:
@@ -335,8 +339,11 @@ class JobsApi:
         return self._run(op)
 
     def delete_job(self, job_id: str, force: bool) -> None:
-        def op(tracker: _Tracker, _: int) -> None:
+        def op(tracker: _Tracker, now: int) -> None:
             job = self._job_or_404(job_id)
+            if job.status == "DELETION_IN_PROGRESS":
+                raise ApiError("InvalidStateTransitionException", 409,
+                               f"Job {job_id} is already being deleted.")
             if job.status not in ("COMPLETED", "CANCELED") and not force:
                 raise ApiError("InvalidStateTransitionException", 409,
                                f"Job {job_id} is {job.status}; set force=true to delete it.")
@@ -344,12 +351,7 @@ class JobsApi:
                                  for ex in self._store.executions_for_job(job_id)):
                 raise ApiError("InvalidStateTransitionException", 409,
                                f"Job {job_id} has executions IN_PROGRESS; set force=true.")
-            self._job_event(tracker, job, "deletion_in_progress")
-            for ex in self._store.executions_for_job(job_id):
-                tracker.touch(ex.thing_name)
-            self._store.delete_job(job_id)
-            self._docs.pop(job_id, None)
-            self._job_event(tracker, job, "deleted")
+            self._delete_job(job, now, tracker)  # campaign.py: at once, or after a while
         self._run(op)
 
     # -- control plane: executions -------------------------------------------------------------

@@ -114,6 +114,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="GetStream without `n` whose implied range (o + 128 KiB / l blocks) "
                         "runs past the end of the file: reject it InvalidRequest as AWS was "
                         "seen to (strict), or send what is left (clamp)")
+    p.add_argument("--deletion-seconds", type=float, default=0.0,
+                   help="how long a deleted job stays DELETION_IN_PROGRESS (at most 10 jobs at "
+                        "a time, as AWS); default 0: gone at once")
     p.add_argument("--test-hooks", action="store_true",
                    help="enable PUT /_jobsd/test-hooks on --control (fault injection for tests)")
     p.add_argument("--log-level", default="INFO",
@@ -173,6 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       account=args.account, minute_seconds=args.minute_seconds)
     service.stream_strict_eof = args.stream_eof == "strict"
     service.test_hooks = args.test_hooks
+    service.deletion_seconds = max(0.0, args.deletion_seconds)
     servers: list[RestServer] = []
     bridge: Optional[MqttBridge] = None
     timers = TimerThread(service)
