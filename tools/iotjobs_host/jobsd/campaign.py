@@ -294,6 +294,15 @@ class CampaignApi:
             self._store.save_rollout(job.job_id, state, None)
             return
         if not state["started"] and ("start" not in state or t >= state["start"]):
+            if "start" in state and self.max_concurrent_jobs and \
+                    self._concurrent_jobs() >= self.max_concurrent_jobs:
+                # FLEET.md 4.2: a scheduled job that starts at the concurrency limit is canceled
+                self._cancel_job(job, False, "JOB_CONCURRENCY_LIMIT_REACHED",
+                                 "The job reached its startTime while the account was at its "
+                                 f"job concurrency limit ({self.max_concurrent_jobs}).", now,
+                                 tracker)
+                self._store.save_rollout(job.job_id, state, None)
+                return
             state["started"] = True
             job.status = "IN_PROGRESS"
             job.last_updated_at = now
@@ -541,6 +550,27 @@ class CampaignApi:
                 self._store.save_execution(ex)
                 self._execution_event(tracker, ex)
         self._job_event(tracker, job, "canceled")
+
+    # -- account quotas ------------------------------------------------------------------------
+    def _active_jobs(self) -> list[Job]:
+        return [j for j in self._store.list_jobs() if j.status in ("IN_PROGRESS", "SCHEDULED")]
+
+    def _concurrent_jobs(self) -> int:
+        """Jobs still creating executions (isConcurrent): staged ones not done releasing."""
+        return sum(1 for j in self._active_jobs() if self._rolling(j.job_id))
+
+    def _check_quotas(self, body: dict[str, Any]) -> None:
+        """CreateJob against the account quotas (FLEET.md 7 [P]: AWS's defaults are not
+        published, so they are jobsd options and off unless given)."""
+        if self.max_active_jobs and len(self._active_jobs()) >= self.max_active_jobs:
+            raise ApiError("LimitExceededException", 410,
+                           f"The account has {self.max_active_jobs} active jobs, its limit.")
+        staged = body.get("jobExecutionsRolloutConfig") and not body.get("schedulingConfig")
+        if staged and self.max_concurrent_jobs and \
+                self._concurrent_jobs() >= self.max_concurrent_jobs:
+            raise ApiError("LimitExceededException", 410,
+                           f"The account has {self.max_concurrent_jobs} jobs rolling out, its "
+                           "job concurrency limit.")
 
     # -- delete ----------------------------------------------------------------------------------
     def _delete_job(self, job: Job, now: int, tracker: _Tracker) -> None:

@@ -163,6 +163,8 @@ class ServiceBase:
         self.stream_fault: Optional[str] = None  # test hook: every stream request fails so
         self.test_hooks = False              # --test-hooks: PUT /_jobsd/test-hooks works
         self.deletion_seconds = 0.0          # --deletion-seconds: DELETION_IN_PROGRESS lasts
+        self.max_active_jobs = 0             # --max-active-jobs (0: no quota)
+        self.max_concurrent_jobs = 0         # --max-concurrent-jobs (0: no quota)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _clock(self) -> float:

@@ -252,6 +252,7 @@ class JobsApi:
                 raise ApiError("ResourceAlreadyExistsException", 409,
                                f"Job {job_id} already exists.", resourceId=job_id,
                                resourceArn=self.job_arn(job_id))
+            self._check_quotas(body)  # campaign.py: --max-active-jobs, --max-concurrent-jobs
             names: list[str] = []
             for kind, name in resolved:
                 if kind == "thing":

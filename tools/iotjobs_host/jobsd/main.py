@@ -117,6 +117,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--deletion-seconds", type=float, default=0.0,
                    help="how long a deleted job stays DELETION_IN_PROGRESS (at most 10 jobs at "
                         "a time, as AWS); default 0: gone at once")
+    p.add_argument("--max-active-jobs", type=int, default=0,
+                   help="account quota: CreateJob beyond N jobs IN_PROGRESS or SCHEDULED is "
+                        "LimitExceededException (default 0: none)")
+    p.add_argument("--max-concurrent-jobs", type=int, default=0,
+                   help="account quota: at most N jobs rolling out at once; a staged CreateJob "
+                        "beyond it is LimitExceededException and a scheduled job starting "
+                        "beyond it is CANCELED (default 0: none)")
     p.add_argument("--test-hooks", action="store_true",
                    help="enable PUT /_jobsd/test-hooks on --control (fault injection for tests)")
     p.add_argument("--log-level", default="INFO",
@@ -177,6 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     service.stream_strict_eof = args.stream_eof == "strict"
     service.test_hooks = args.test_hooks
     service.deletion_seconds = max(0.0, args.deletion_seconds)
+    service.max_active_jobs = max(0, args.max_active_jobs)
+    service.max_concurrent_jobs = max(0, args.max_concurrent_jobs)
     servers: list[RestServer] = []
     bridge: Optional[MqttBridge] = None
     timers = TimerThread(service)
