@@ -31,22 +31,30 @@ frozen modules. sys.path is then ['', '.frozen', DIR, <flash>.code] or ['', '.fr
 '/rom/lib', <flash>.code]: frozen modules first, as on a board, so on fleet32 the frozen
 library still wins (use pip, or stock32 whose only frozen piece of it is umqtt.simple). The
 unix port cannot map flash: the image is read into the heap (a board maps it), so give it a
-heap larger by the image's size."""
+heap larger by the image's size.
+
+`--cut-at-write N` cuts the power (SIGKILL) just before the firmware's N-th flash write: a
+write() to a file it opened for writing, opening one for "w" (a truncation), os.rename,
+os.remove, os.mkdir, os.rmdir, in the flash folder or the OTA slots alike (the journal, its
+temporary file, downloads, OTA blocks, otadata). That flash write does not happen; those before
+it did. The count is kept in `<flash>.cut` (a number, beside the flash folder): devsim writes N
+there at start, a test or tools/iotjobs_host/fleet.py may write one while the device runs, and
+the firmware reads it at its next write, counts from then (and again from 1 after a reset), and
+removes it as the power goes. `--cut-at-write 0` only installs the counter (a hook around
+`open` and `os` in the firmware process, a few KB of heap) so that the file can arm it later.
+
+The devsim process itself stays small while its firmware runs (a fleet runs fifty): it imports
+no more than os, sys, signal and time; parsing the options, provisioning, compiling the code and
+the bootloader's checks each run in a short-lived forked child, and the firmware is started by
+fork and exec."""
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
+import marshal
 import os
-import shutil
 import signal
 import struct
-import subprocess
 import sys
 import time
-
-from . import images
-from .build import build
 
 RESET_EXIT = 3  # firmware/platform.py
 # The default heap of a simulated device (the pip port, 64-bit, code loaded into the heap): the
@@ -91,6 +99,9 @@ def make_image(version: str, payload: bytes | None = None, size: int | None = No
                **flags: str) -> bytes:
     """An app image: the header block, then `payload` (or random bytes making the whole image
     `size` bytes long, e.g. 1 MiB for benchmarks). Keyword flags go into the metadata."""
+    import hashlib
+    import json
+
     meta = json.dumps({"version": version, **flags}, separators=(",", ":")).encode()
     if _HEAD.size + len(meta) > BLOCK:
         raise ValueError("image metadata does not fit the header block")
@@ -104,6 +115,9 @@ def make_image(version: str, payload: bytes | None = None, size: int | None = No
 def parse_image(data: bytes) -> dict | None:
     """The metadata of a valid image (what the bootloader checks), else None. `data` may carry
     trailing bytes (a whole slot)."""
+    import hashlib
+    import json
+
     if len(data) < BLOCK:
         return None
     magic, fmt, mlen, plen, digest = _HEAD.unpack_from(data)
@@ -126,6 +140,8 @@ def ota_dir(flash: str) -> str:
 
 
 def _write_json(path: str, obj: object) -> None:
+    import json
+
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f)
@@ -135,6 +151,8 @@ def _write_json(path: str, obj: object) -> None:
 def provision_ota(folder: str, slot_size: int = SLOT_SIZE, version: str = FACTORY_VERSION) -> None:
     """As esptool flashes a new board: the partition table, the factory image in ota_0, an
     empty ota_1 and erased otadata. An existing folder is left alone (flash persists)."""
+    import hashlib
+
     table = os.path.join(folder, "partitions.json")
     if os.path.exists(table):
         return
@@ -151,6 +169,8 @@ def provision_ota(folder: str, slot_size: int = SLOT_SIZE, version: str = FACTOR
 
 
 def read_otadata(folder: str) -> dict:
+    import json
+
     try:
         with open(os.path.join(folder, "otadata.json")) as f:
             od = json.load(f)
@@ -181,6 +201,8 @@ class BootChoice:
 
 def bootloader(folder: str) -> BootChoice:
     """Pick the slot to run and update otadata, as the ESP-IDF bootloader with app rollback."""
+    import json
+
     with open(os.path.join(folder, "partitions.json")) as f:
         labels = [p["label"] for p in json.load(f) if p["type"] == APP_TYPE]
     od = read_otadata(folder)
@@ -214,6 +236,9 @@ def provision(flash: str, thing: str, broker: str, tls: str | None, keepalive: i
     """Write config.json (and the TLS files) into a fresh flash folder, as provisioning would.
 
     `extra` is merged into the config (tests use it for runner settings and halt points)."""
+    import json
+    import shutil
+
     os.makedirs(flash, exist_ok=True)
     cfg_path = os.path.join(flash, "config.json")
     if os.path.exists(cfg_path):
@@ -263,22 +288,193 @@ def code_without_library(code: str, dest: str) -> str:
     return dest
 
 
+def build(arch: str) -> str:
+    """build.build (imported when a boot needs it: a forked child's import, not devsim's)."""
+    from .build import build as _build
+
+    return _build(arch)
+
+
+def cut_file(flash: str) -> str:
+    """The file beside the flash folder that arms a power cut at the firmware's N-th flash write."""
+    return os.path.normpath(flash) + ".cut"
+
+
+# Run before main when the flash-write counter is on (--cut-at-write): `open` and the `os`
+# module the firmware imports count every flash write; at the armed count the power goes
+# (SIGKILL from a shell: the unix port has no kill()) before that write is made. It allocates
+# nothing on a write until the count is reached (the firmware writes under memory pressure).
+_CUT_HOOK = """import builtins, io, os, sys
+def _cut_hook(path):
+    _os = os
+    _open = builtins.open
+    st = [0, 0]
+    def op(what, name):
+        if not st[0]:
+            try:
+                _os.stat(path)
+                with _open(path) as f:
+                    st[0] = int(f.read())
+            except (OSError, ValueError):
+                return
+            st[1] = 0
+        st[1] += 1
+        if st[1] < st[0]:
+            return
+        try:
+            _os.remove(path)
+        except OSError:
+            pass
+        print("devsim: power cut at flash write %d (%s %s)" % (st[1], what, name))
+        _os.system("kill -9 $PPID")
+        import time
+        while True:
+            time.sleep(1)
+    class File(io.IOBase):
+        def __init__(self, f, name):
+            self._f = f
+            self._n = name
+        def write(self, b):
+            op("write", self._n)
+            return self._f.write(b)
+        def readinto(self, b):
+            return self._f.readinto(b)
+        def read(self, *a):
+            return self._f.read(*a)
+        def seek(self, *a):
+            return self._f.seek(*a)
+        def tell(self):
+            return self._f.tell()
+        def flush(self):
+            return self._f.flush()
+        def close(self):
+            return self._f.close()
+        def __enter__(self):
+            return self
+        def __exit__(self, *a):
+            self._f.close()
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+    def open_(name, mode="r", *a):
+        if "w" in mode:
+            op("truncate", name)
+        f = _open(name, mode, *a)
+        if "w" in mode or "a" in mode or "+" in mode:
+            return File(f, name)
+        return f
+    class Os:
+        def __getattr__(self, name):
+            return getattr(_os, name)
+        def rename(self, a, b):
+            op("rename", a)
+            _os.rename(a, b)
+        def remove(self, p):
+            op("remove", p)
+            _os.remove(p)
+        def unlink(self, p):
+            op("remove", p)
+            _os.remove(p)
+        def mkdir(self, p, *a):
+            op("mkdir", p)
+            _os.mkdir(p, *a)
+        def rmdir(self, p):
+            op("rmdir", p)
+            _os.rmdir(p)
+    builtins.open = open_
+    sys.modules["os"] = Os()
+_cut_hook(os.getenv("IOTJOBS_CUT"))
+del _cut_hook, builtins, io, os, sys
+"""
+
+
+class ChildFailed(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"exit status {code}")
+        self.code = code
+
+
+def in_child(fn, *args):
+    """fn(*args) in a forked child: what it imports, and the memory that takes, ends with it.
+    Its result (marshal-able) comes back through a pipe. A SystemExit (argparse) or an exception
+    (its traceback printed) in the child raises ChildFailed with the child's exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        status = 0
+        try:
+            os.close(r)
+            try:
+                data = marshal.dumps(fn(*args))
+                while data:
+                    data = data[os.write(w, data):]
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                status = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 1 << 16)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0 or not chunks:
+        raise ChildFailed(code if code != 0 else 1)
+    return marshal.loads(b"".join(chunks))
+
+
+def spawn(argv: list[str], cwd: str, env: dict) -> int:
+    """argv[0] started by fork and exec (subprocess is a large import), stdin /dev/null, in
+    `cwd`; its pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.chdir(cwd)
+            fd = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(fd, 0)
+            os.close(fd)
+            os.execve(argv[0], argv, env)
+        except BaseException as e:
+            try:
+                os.write(2, f"devsim: cannot start {argv[0]}: {e}\n".encode())
+            finally:
+                os._exit(127)
+    return pid
+
+
 class Devsim:
     def __init__(self, flash: str, heap: str, ota: str | None = None, image: str = "pip",
-                 lib: str | None = None) -> None:
+                 lib: str | None = None, cut_hook: bool = False) -> None:
         self.flash = flash
         self.heap = heap
         self.image = image
         self.lib = os.path.abspath(lib) if lib else None
-        self.exe = images.interpreter(image)
         self.ota = os.path.abspath(ota or ota_dir(flash))
-        self.child: subprocess.Popen | None = None
+        self.cut_hook = cut_hook
+        self.child: int | None = None  # the running firmware's pid
         self.stopping = False
         self.boots = 0
 
-    def boot(self) -> int | None:
-        """One boot: the bootloader's choice, then the firmware until it ends. None when no
-        slot holds a bootable image (the board is bricked)."""
+    def plan(self) -> dict | None:
+        """What the next boot runs (the bootloader's choice and the firmware's command line and
+        environment), or None when nothing is bootable. Run in a child (in_child)."""
+        from . import images
+
         code = build("host")
         choice = bootloader(self.ota)
         if choice.rolled_back:
@@ -288,9 +484,8 @@ class Devsim:
             return None
         print(f"devsim: bootloader: {choice.slot} version {choice.image['version']} "
               f"({choice.state})", flush=True)
-        env = dict(os.environ)
-        env["MICROPYPATH"] = ".frozen:" + code
-        run = ["-m", "main"]
+        env = {"MICROPYPATH": ".frozen:" + code}
+        boot = "import main\n"
         if self.lib:
             rest = code_without_library(code, os.path.normpath(self.flash) + ".code")
             if os.path.isdir(self.lib):
@@ -302,32 +497,57 @@ class Devsim:
                     print(f"devsim: {self.lib} holds no ROMFS image; halted", flush=True)
                     return None
                 env["MICROPYPATH"] = ".frozen:" + rest
-                run = ["-c", _ROMFS_BOOT % (self.lib, n)]
+                boot = _ROMFS_BOOT % (self.lib, n)
+        run = ["-m", "main"]
+        if self.cut_hook:
+            env["IOTJOBS_CUT"] = os.path.abspath(cut_file(self.flash))
+            run = ["-c", _CUT_HOOK + boot]
+        elif boot != "import main\n":
+            run = ["-c", boot]
         env["IOTJOBS_OTA"] = self.ota
         env["IOTJOBS_RUNNING"] = choice.slot
         env["IOTJOBS_ROLLED_BACK"] = choice.rolled_back or ""
+        return {"exe": images.interpreter(self.image), "run": run, "env": env}
+
+    def boot(self) -> int | None:
+        """One boot: the bootloader's choice, then the firmware until it ends. None when no
+        slot holds a bootable image (the board is bricked)."""
+        plan = in_child(self.plan)
+        if plan is None:
+            return None
+        if self.stopping:
+            return 0
+        env = dict(os.environ)
+        env.update(plan["env"])
         self.boots += 1
-        self.child = subprocess.Popen(
-            [self.exe, "-X", f"heapsize={self.heap}", *run],
-            cwd=self.flash, env=env, stdin=subprocess.DEVNULL,
-        )
+        self.child = spawn([plan["exe"], "-X", f"heapsize={self.heap}", *plan["run"]],
+                           self.flash, env)
         # tests kill the firmware process (a power cut) by this pid
         print(f"devsim: boot {self.boots} (image {self.image}, heap {self.heap}, "
-              f"pid {self.child.pid})", flush=True)
-        rc = self.child.wait()
-        self.child = None
+              f"pid {self.child})", flush=True)
+        try:
+            rc = os.waitstatus_to_exitcode(os.waitpid(self.child, 0)[1])
+        finally:
+            self.child = None
         return rc
 
     def stop(self, *_: object) -> None:
         self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.terminate()
+        if self.child is not None:
+            try:
+                os.kill(self.child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         while not self.stopping:
-            rc = self.boot()
+            try:
+                rc = self.boot()
+            except ChildFailed as e:
+                print(f"devsim: the boot failed ({e}); halted", flush=True)
+                return 1
             if self.stopping:
                 break
             if rc is None:
@@ -344,8 +564,16 @@ class Devsim:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tools/devsim", description=__doc__)
+def setup(argv: list[str] | None) -> dict:
+    """Parse the options, check them and provision the flash folder (first start): the
+    arguments of Devsim. SystemExit(2) with the reason on a bad option."""
+    import argparse
+    import json
+
+    from . import images
+
+    ap = argparse.ArgumentParser(prog="tools/devsim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--thing", required=True)
     ap.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
     ap.add_argument("--flash", required=True, help="folder that is the device's filesystem")
@@ -366,41 +594,72 @@ def main(argv: list[str] | None = None) -> int:
                     help="import the library (iotjobs, umqtt) from this folder (what mip "
                          "installed) or ROMFS image (mounted at /rom), not from build/mpy/host; "
                          "frozen modules still come first")
+    ap.add_argument("--cut-at-write", type=int, metavar="N",
+                    help="cut the power just before the firmware's N-th flash write (0: only "
+                         "count, so that <flash>.cut can arm a cut later)")
     args = ap.parse_args(argv)
+
+    def fail(msg: str):
+        print(f"devsim: {msg}", file=sys.stderr)
+        raise SystemExit(2)
+
     try:
         extra = json.loads(args.config)
         if not isinstance(extra, dict):
             raise ValueError("not an object")
     except ValueError as e:
-        print(f"devsim: --config must be a JSON object: {e}", file=sys.stderr)
-        return 2
+        fail(f"--config must be a JSON object: {e}")
+    if args.cut_at_write is not None and args.cut_at_write < 0:
+        fail("--cut-at-write must be 0 or more")
     if args.tls:
         missing = [n for n in TLS_FILES if not os.path.exists(os.path.join(args.tls, n))]
         if missing:
-            print(f"devsim: --tls {args.tls} lacks {', '.join(missing)}", file=sys.stderr)
-            return 2
+            fail(f"--tls {args.tls} lacks {', '.join(missing)}")
     provision(args.flash, args.thing, args.broker, args.tls, args.keepalive, extra)
     ota = args.ota or ota_dir(args.flash)
     try:
         provision_ota(ota, args.slot_size, args.factory_version)
     except ValueError as e:
-        print(f"devsim: --slot-size: {e}", file=sys.stderr)
-        return 2
+        fail(f"--slot-size: {e}")
     exe = images.interpreter(args.image)
     if not os.access(exe, os.X_OK):
-        print(f"devsim: image {args.image} is not built ({exe}): run make setup", file=sys.stderr)
-        return 2
+        fail(f"image {args.image} is not built ({exe}): run make setup")
     if args.lib:
         if os.path.isfile(args.lib):
             with open(args.lib, "rb") as f:
                 if romfs_length(f.read()) is None:
-                    print(f"devsim: --lib {args.lib} is neither a folder nor a ROMFS image",
-                          file=sys.stderr)
-                    return 2
+                    fail(f"--lib {args.lib} is neither a folder nor a ROMFS image")
             print(f"devsim: library from the ROMFS image {args.lib} at /rom", flush=True)
         elif os.path.isdir(args.lib):
             print(f"devsim: library from {args.lib}", flush=True)
         else:
-            print(f"devsim: --lib {args.lib} does not exist", file=sys.stderr)
-            return 2
-    return Devsim(args.flash, args.heap, ota, args.image, args.lib).run()
+            fail(f"--lib {args.lib} does not exist")
+    if args.cut_at_write:
+        _write_text(cut_file(args.flash), f"{args.cut_at_write}\n")
+    return {"flash": args.flash, "heap": args.heap, "ota": ota, "image": args.image,
+            "lib": args.lib, "cut_hook": args.cut_at_write is not None}
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def arm_cut(flash: str, n: int) -> None:
+    """Cut the power of the device on `flash` just before its n-th flash write from now (it must
+    run with --cut-at-write)."""
+    if n < 1:
+        raise ValueError("n must be 1 or more")
+    _write_text(cut_file(flash), f"{n}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The options, the checks and the provisioning run in a child, so that this process, which
+    # lives as long as the device, never holds argparse, json and the rest.
+    try:
+        kw = in_child(setup, argv)
+    except ChildFailed as e:
+        return e.code
+    return Devsim(**kw).run()
