@@ -13,6 +13,10 @@ repository (its folder is created). With `--credentials FILE` (auth.py) both lis
 AWS Signature Version 4 from the key pairs in FILE; without it jobsd checks nothing, so it
 refuses to listen anywhere but on loopback (exit 2). A --credentials file that cannot be used
 is a start-up error (exit 1).
+
+The control listener also serves the read-only dashboard at /dashboard (dashboard.py); with
+--credentials it is opened by a presigned link, which `jobsd --dashboard-url --control HOST:PORT
+--credentials FILE` prints (a stand-alone action, like --write-acl).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Sequence
 
 from .. import BUILD
 from . import acl, auth, control, data
+from .dashboard import URL_SECONDS, Dashboard, dashboard_url
 from .files import FileStore
 from .mqtt import MqttBridge
 from .rest import RestServer
@@ -79,6 +84,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         a.add_argument("--write-acl", metavar="FILE", required=True,
                        help="write the mosquitto ACL for the TLS listener to FILE and exit")
         return a.parse_args(argv)
+    if "--dashboard-url" in argv:  # a stand-alone action: prints a link and exits
+        d = argparse.ArgumentParser(prog="jobsd --dashboard-url",
+                                    description="Print the dashboard's URL: a presigned SigV4 "
+                                    "link when jobsd runs with --credentials.")
+        d.add_argument("--dashboard-url", action="store_true", required=True)
+        d.add_argument("--control", type=_host_port, default=DEFAULT_CONTROL,
+                       help="jobsd's control listener (default: %(default)s)")
+        d.add_argument("--credentials", metavar="FILE",
+                       help="a shared-credentials file holding a key pair jobsd accepts; "
+                            "without it the URL is not signed")
+        d.add_argument("--profile", help="the section of FILE to sign with (default: the first)")
+        d.add_argument("--region", default="us-east-1",
+                       help="jobsd's --region (default: %(default)s)")
+        d.add_argument("--expires", type=int, default=URL_SECONDS,
+                       help="seconds the link stays usable, 1..604800 (default: %(default)s)")
+        args = d.parse_args(argv)
+        if not 1 <= args.expires <= auth.MAX_EXPIRES:
+            d.error("--expires must be 1..604800 seconds")
+        return args
+    p.add_argument("--dashboard-url", action="store_true",
+                   help="print the dashboard's URL (signed with --credentials FILE) and exit; "
+                        "see `jobsd --dashboard-url --help`")
     p.add_argument("--write-acl", metavar="FILE",
                    help="write the mosquitto ACL for the TLS listener (each thing on its own "
                         "topics, identity from the client certificate) to FILE and exit")
@@ -146,6 +173,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "write_acl", None):
         acl.write(args.write_acl)
         return 0
+    if getattr(args, "dashboard_url", False):
+        try:
+            print(dashboard_url(args.control, args.credentials, args.profile, args.region,
+                                args.expires))
+        except auth.CredentialsError as err:
+            print(f"jobsd: --credentials: {err}", file=sys.stderr)
+            return 1
+        return 0
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format="jobsd %(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
@@ -188,11 +223,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     service.max_concurrent_jobs = max(0, args.max_concurrent_jobs)
     servers: list[RestServer] = []
     bridge: Optional[MqttBridge] = None
+    dashboard = Dashboard(service, args.db)  # read-only; watches device requests (last seen)
     timers = TimerThread(service)
     try:
         try:
             control_server = RestServer(args.control, control.build_router(service),
                                         verifiers["iot"])
+            control_server.dashboard = dashboard
             servers.append(control_server)
             data_server = RestServer(args.data, data.build_router(service),
                                      verifiers["iot-jobs-data"])
@@ -228,6 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if bridge is not None:
             bridge.stop()
+        dashboard.close()  # its event streams end within a second
         for server in servers:
             server.stop()
         timers.stop()

@@ -14,7 +14,9 @@ InvalidRequestException.
 
 HTTP/1.1 with Content-Length on every reply, because boto3 keeps connections alive. When a
 FileStore is attached (`--files`, data listener only), GET/HEAD of `/files/...` are answered by
-it instead of the router.
+it instead of the router. When a Dashboard is attached (the control listener, dashboard.py),
+GET/HEAD of `/dashboard` and below are answered by it, with its own access rules (a session
+cookie from a presigned URL when `--credentials` is set).
 
 With a `Verifier` (`--credentials`, auth.py) every other request must carry a valid AWS
 Signature Version 4: the body is read (so the connection stays usable), then checked before the
@@ -30,7 +32,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -39,6 +41,9 @@ from .files import PREFIX as FILES_PREFIX
 from .files import FileStore
 from .rules import ApiError as RestError
 from .rules import parse_json, parse_long
+
+if TYPE_CHECKING:
+    from .dashboard import Dashboard
 
 log = logging.getLogger("jobsd.http")
 
@@ -156,6 +161,11 @@ class _Handler(BaseHTTPRequestHandler):
     server: RestServer
 
     def _serve(self) -> None:
+        dashboard = self.server.dashboard
+        if dashboard is not None and dashboard.claims(self.path):
+            if self._discard_body():  # read-only pages with their own access rules
+                dashboard.serve(self)
+            return
         files = self.server.files
         if files is not None and self.path.startswith(FILES_PREFIX) and self.command in (
                 "GET", "HEAD"):
@@ -258,8 +268,10 @@ class RestServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], router: Router,
                  auth: Optional[Verifier] = None) -> None:
         self.router = router
-        self.auth = auth  # --credentials: SigV4 on every request but /files/ (auth.py)
+        self.auth = auth  # --credentials: SigV4 on every request but /files/ (auth.py) and
+        # /dashboard (a presigned link, then a session cookie: dashboard.py)
         self.files: Optional[FileStore] = None  # the data listener's /files/ (files.py)
+        self.dashboard: Optional[Dashboard] = None  # the control listener's /dashboard
         super().__init__(address, _Handler)
         self._thread: Optional[threading.Thread] = None
 
