@@ -525,6 +525,8 @@ class Devsim:
         # tests kill the firmware process (a power cut) by this pid
         print(f"devsim: boot {self.boots} (image {self.image}, heap {self.heap}, "
               f"pid {self.child})", flush=True)
+        if self.stopping:  # SIGTERM came between the fork and the line above
+            self.stop()
         try:
             rc = os.waitstatus_to_exitcode(os.waitpid(self.child, 0)[1])
         finally:
