@@ -516,7 +516,7 @@ class Fleet:
             d.proxy.restore()
             d.proxy.fast()
 
-    def advance_clock(self, seconds: float) -> int:
+    def advance_clock(self, seconds: float) -> float:
         """Move jobsd's clock forward (test hook advanceClock); jobsd does what is then due
         (timeouts, rollout minutes, schedules) before it answers. jobsd's `now`."""
         req = urllib.request.Request(self.control_url + "/_jobsd/test-hooks", method="PUT",
