@@ -1,8 +1,8 @@
 # Entry points for users, tests and CI. `make test` and `make demo` set everything up themselves.
-.PHONY: setup build size test demo bench lint clean deploy repl flash stack stack-down
+.PHONY: setup build size test demo bench lint clean deploy repl flash stack stack-down fleet fleet-down fleet-measure soak
 
 PY := .venv/bin/python
-LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/size tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash tools/stack boards/esp32
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/size tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash tools/stack tools/fleet boards/esp32
 BOARD ?=
 
 setup:
@@ -33,6 +33,16 @@ stack: setup
 
 stack-down:
 	@tools/stack down $(if $(STACK_DIR),--dir $(STACK_DIR),)
+
+# A fleet of simulated devices on this PC (tools/fleet): make fleet DEVICES=50
+fleet: setup
+	@tools/fleet up --devices $(or $(DEVICES),50) $(if $(FLEET_DIR),--dir $(FLEET_DIR),)
+
+fleet-down:
+	@tools/fleet down $(if $(FLEET_DIR),--dir $(FLEET_DIR),)
+
+fleet-measure: setup
+	@tools/fleet measure --devices $(or $(DEVICES),50)
 
 # Two pytest-xdist workers (every fixture takes free ports and its own tmp_path); TEST_WORKERS=0
 # runs the suite in one process.
