@@ -482,3 +482,32 @@ def test_report_formats_every_part():
     assert "FAIL no orphaned .part files after the drain: 2 checked, 1 violation(s)" in text
     assert "violation [parts] a: x.part (1 bytes)" in text
     assert text.endswith("result: FAIL (1 violation(s))")
+
+
+def test_write_cuts_are_told_apart_by_what_was_written():
+    logs = {"a": "devsim: power cut at flash write 3 (rename journal.json.tmp)\n"
+                 "devsim: power cut at flash write 9 (write /w/devices/a/flash.ota/ota_1.bin)\n",
+            "b": "devsim: power cut at flash write 1 (write data/soak/x.bin.part)\n"
+                 "devsim: power cut at flash write 2 (truncate commands.json.tmp)\n"
+                 "devsim: power cut at flash write 2 (mkdir app.d)\n"}
+    assert soak.write_cuts(logs) == {"OTA slot": 1, "app": 1, "commands journal": 1,
+                                     "download": 1, "journal": 1}
+
+
+# -- the short soak -------------------------------------------------------------------------------
+def test_short_soak_holds_every_invariant(tmp_path):
+    """scenarios/soak-short.json with its own seed: 10 devices over mutual TLS, more than 100
+    faults of every kind while jobs, campaigns and commands run; every invariant holds."""
+    scn = soak.load_scenario(os.path.join(SCENARIOS, "soak-short.json"))
+    lines: list[str] = []
+    report = soak.Soak(scn, scn.seed, str(tmp_path / "soak"), log=lines.append).run()
+    (tmp_path / "soak.json").write_text(json.dumps(report, indent=1))
+    text = soak.format_report(report)
+    assert report["ok"], text + "\n--- run log ---\n" + "\n".join(lines[-40:])
+    assert report["faults"]["injected"] >= 100 and not report["faults"]["failed"], text
+    assert set(report["faults"]["by_kind"]) == set(soak.FAULT_KINDS), text
+    assert report["drained"] and report["devices"] == 10, text
+    assert {c["name"] for c in report["invariants"]} >= {
+        "terminal", "effects", "one-terminal", "firmware", "journals", "counters", "parts",
+        "leaks"}, text
+    assert all(c["checked"] > 0 for c in report["invariants"]), text

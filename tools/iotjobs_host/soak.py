@@ -101,6 +101,7 @@ class Faults:
     blackhole_seconds: float = 30.0
     slow_seconds: float = 20.0
     slow_delay_ms: int = 200
+    slow_rate: int = 0  # bytes a second each way (0: no limit, only the delay)
     write_max: int = 40  # power_cut_at_write: the write number is drawn from 1..write_max
 
 
@@ -428,7 +429,8 @@ def _faults(o: _Obj, fail) -> Faults:
                window=o.num("window", 60.0, 0.001, 86400),
                blackhole_seconds=o.num("blackhole_seconds", 30.0, 0.1, 3600),
                slow_seconds=o.num("slow_seconds", 20.0, 0.1, 3600),
-               slow_delay_ms=o.int("slow_delay_ms", 200, 1, 60000),
+               slow_delay_ms=o.int("slow_delay_ms", 200, 0, 60000),
+               slow_rate=o.int("slow_rate", 0, 0, 10**9),
                write_max=o.int("write_max", 40, 1, 100000))
     rates = o.obj("rates")
     if rates is not None:
@@ -659,10 +661,15 @@ _BOOT_LINE = re.compile(r"devsim: bootloader: (\S+) version (\S+) \((\w+)\)")
 def check_firmware(devices: dict[str, dict]) -> Check:
     """Every device boots on a valid image and runs the version its last successful OTA
     installed. `devices`: thing -> {"ota": its OTA folder, "expected": the version of its last
-    SUCCEEDED OTA (or the factory's), "log": the tail of its devsim log (optional)}."""
+    SUCCEEDED OTA (or the factory's), "log": the tail of its devsim log (optional), "alive":
+    whether devsim still ran at the end (optional)}. A devsim that ended or halted no longer
+    boots its device."""
     c = Check("firmware", "every device on a valid image, the version of its last successful OTA")
     for thing, d in sorted(devices.items()):
         c.count += 1
+        if d.get("alive") is False or _halted(d.get("log") or ""):
+            last = [ln for ln in (d.get("log") or "").splitlines() if ln.startswith("devsim:")]
+            c.bad(f"{thing}: devsim no longer boots it ({last[-1] if last else 'its process ended'})")
         slot, image, state = boot_choice(d["ota"])
         want = d["expected"]
         if image is None:
@@ -1063,11 +1070,13 @@ class _Transient(Exception):
 
 def _transient(e: BaseException) -> bool:
     """jobsd or the broker restarting under us: try again shortly."""
+    from urllib.error import URLError
+
     from botocore.exceptions import (ConnectionClosedError, EndpointConnectionError,
                                      ReadTimeoutError)
 
     return isinstance(e, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError,
-                          ConnectionError, TimeoutError))
+                          ConnectionError, TimeoutError, URLError))
 
 
 class Soak:
@@ -1093,6 +1102,7 @@ class Soak:
         self.last_fault_end = 0.0
         self.last_advance = 0.0
         self.minutes = 0
+        self.advanced = 0.0  # seconds jobsd's clock was moved forward
         self.pids: list[tuple[int, Optional[int], str]] = []
         self.ports: list[tuple[int, str]] = []
         self.errors: list[str] = []
@@ -1179,24 +1189,20 @@ class Soak:
                 state["requests"], state["replies"] = requests, replies
                 self.recorder.stop()
             self._record_processes()
-            self.fleet.stop()
+            state["fleet_leaks"] = self.fleet.stop()
         checks = self._checks(state)
         report = self._report(started, boot_s, drained, drain_s, state, checks)
         return report
 
     def _fleet_kwargs(self, cfg: dict) -> dict:
-        import inspect
-
-        from .fleet import Fleet
-
-        params = inspect.signature(Fleet).parameters
+        """Fleet's options from the scenario (keepalive, a device setting, is devsim's)."""
+        cfg = dict(cfg)
         kw: dict[str, Any] = {"image": self.scn.image, "tls": self.scn.tls, "heap": self.scn.heap,
-                              "seed": self.seed, "jobsd_extra": ("--test-hooks",)}
-        if "config" in params:
-            kw["config"] = cfg
-        elif "device_config" in params:
-            kw["device_config"] = cfg
-        return {k: v for k, v in kw.items() if k in params}
+                              "seed": self.seed, "config": cfg,
+                              "start_timeout": self.scn.limits.boot}
+        if "keepalive" in cfg:
+            kw["keepalive"] = cfg.pop("keepalive")
+        return kw
 
     def _record_processes(self) -> None:
         """Every process and listener the fleet runs now (their pids and ports are checked
@@ -1254,7 +1260,7 @@ class Soak:
         runs = list(self.command_runs)
         next_rollout = 0.0
         last_line = 0.0
-        while work or faults or runs or self.restores or self.now() < scn.limits.duration:
+        while work or faults or runs or self.now() < scn.limits.duration:
             t = self.now()
             while work and work[0].at <= t:
                 w = work.pop(0)
@@ -1312,17 +1318,23 @@ class Soak:
         rec = {**fault.as_json(), "injected_at": round(t, 3)}
         f = self.fleet
         try:
-            if fault.kind in ("power_cut", "power_cut_at_write"):
+            if fault.kind == "power_cut":
                 rec["during"] = self._phase_of(fault.target)
             if fault.kind == "power_cut":
-                f.power_cut(fault.target)
+                if self._power_cut(fault.target) is None:
+                    rec["missed"] = "between two boots"
             elif fault.kind == "power_cut_at_write":
                 f.power_cut_at_write(fault.target, int(fault.arg))
             elif fault.kind == "broker_restart":
                 f.restart_broker()
+                self._record_processes()
             elif fault.kind == "jobsd_restart":
                 f.kill_jobsd()
                 self._record_processes()
+                # jobsd's test clock starts again at the wall clock: move it back to where the
+                # run had taken it (its timers and rollout minutes are stored in its time)
+                if self.advanced:
+                    self.api(lambda: f.advance_clock(self.advanced), "restoring jobsd's clock")
             elif fault.kind == "link_cut":
                 f.link_cut(fault.target)
             elif fault.kind == "blackhole":
@@ -1334,7 +1346,9 @@ class Soak:
             elif fault.kind == "slow_link":
                 until = t + float(fault.arg)
                 self.slow_until[fault.target] = max(self.slow_until.get(fault.target, 0), until)
-                f.slow_link(fault.target, float(fault.arg), self.scn.faults.slow_delay_ms)
+                sf = self.scn.faults
+                f.slow_link(fault.target, delay_ms=sf.slow_delay_ms, rate=sf.slow_rate or None,
+                            seconds=float(fault.arg))
                 self.restores.append((until, "slow_link", fault.target))
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {e}"
@@ -1342,6 +1356,32 @@ class Soak:
         rec["took"] = round(self.now() - t, 3)
         self.injected.append(rec)
         self.last_fault_end = max(self.last_fault_end, self.now())
+
+    def _power_cut(self, thing: str) -> Optional[int]:
+        """SIGKILL the thing's firmware process (the interpreter devsim started, never one of
+        devsim's own short-lived helper children, whose death halts devsim); its pid, or None
+        between two boots. (Fleet.power_cut picks any child of devsim: reported.)"""
+        from .fleet import children
+
+        d = self.device(thing)
+        for pid in children(d.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if not any(a.startswith(b"heapsize=") for a in argv):
+                continue
+            started = proc_start_time(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return None
+            end = time.monotonic() + 10
+            while proc_start_time(pid) == started and started is not None and time.monotonic() < end:
+                self._pause(0.005)
+            return pid
+        return None
 
     def _restore_due(self) -> None:
         t = self.now()
@@ -1356,7 +1396,10 @@ class Soak:
     def _rollout_tick(self) -> None:
         """Move jobsd's clock a rollout minute once every released device of every job still
         rolling out has reported (its execution is terminal), or after `limits.minute` real
-        seconds at most."""
+        seconds at most. Otherwise move it by 0: jobsd then serves at once every deadline that
+        is due. (Its timer thread plans its sleep on the clock as it was; after the clock moves
+        it may sleep past a deadline by as much as the move: reported as a jobsd bug; without
+        this a command could time out minutes late and hold up the drain.)"""
         try:
             releasing = []
             settled = True
@@ -1372,27 +1415,23 @@ class Soak:
                 p = job.get("jobProcessDetails") or {}
                 if p.get("numberOfQueuedThings", 0) + p.get("numberOfInProgressThings", 0):
                     settled = False
+            wall = time.monotonic()
+            step = 60 if releasing and (settled or wall - self.last_advance >= self.scn.limits.minute) else 0
+            self.fleet.advance_clock(step)
         except Exception as e:
             if _transient(e):
                 return
             raise
-        if not releasing:
-            return
-        wall = time.monotonic()
-        if settled or wall - self.last_advance >= self.scn.limits.minute:
-            try:
-                self.fleet.advance_clock(60)
-            except Exception as e:
-                if _transient(e):
-                    return
-                raise
+        if step:
+            self.advanced += step
             self.last_advance = wall
             self.minutes += 1
 
     # -- the drain --------------------------------------------------------------------------------
     def _drain(self) -> tuple[bool, Optional[float]]:
         """Wait until every execution is terminal (or legitimately pending) and every device
-        idle, within limits.drain; (drained, seconds after the last fault it took)."""
+        idle, within limits.drain (or until all that is left waits on devices that have
+        halted); (drained, seconds after the last fault it took)."""
         start = self.now()
         self.log(f"soak: {start:6.1f} s: every fault injected; draining (at most "
                  f"{self.scn.limits.drain:g} s)")
@@ -1405,24 +1444,36 @@ class Soak:
             except Exception as e:
                 if not _transient(e):
                     raise
-                pending = ["jobsd not answering"]
+                pending = [(None, "jobsd not answering")]
             if not pending and not self.restores:
                 t = self.now()
                 took = t - self.last_fault_end
                 self.log(f"soak: {t:6.1f} s: drained {took:.1f} s after the last fault")
                 return True, took
+            text = [p for _, p in pending]
+            halted = self.halted()
+            if pending and all(thing in halted for thing, _ in pending):
+                self.log(f"soak: {self.now():6.1f} s: what is left waits on halted devices "
+                         f"({', '.join(sorted(halted))}): " + "; ".join(text[:5]))
+                return False, None
             if self.now() - start > self.scn.limits.drain:
                 self.log(f"soak: not drained after {self.scn.limits.drain:g} s: "
-                         + "; ".join(pending[:5]))
+                         + "; ".join(text[:5]))
                 return False, None
             if self.now() - last_line >= 10:
                 last_line = self.now()
                 self.log(f"soak: {self.now():6.1f} s: waiting for {len(pending)}: "
-                         + "; ".join(pending[:3]))
+                         + "; ".join(text[:4]))
             self._pause(0.5)
 
-    def _pending(self) -> list[str]:
-        out = []
+    def halted(self) -> set[str]:
+        """Devices whose devsim no longer boots them (its process ended, or it halted)."""
+        return {d.thing for d in self.fleet.devices
+                if not d.proc.proc.alive() or _halted(d.proc.log_text(300))}
+
+    def _pending(self) -> list[tuple[Optional[str], str]]:
+        """(thing or None, what) of everything not yet settled."""
+        out: list[tuple[Optional[str], str]] = []
         for w in self.scn.work:
             if w.kind == "command":
                 continue
@@ -1430,16 +1481,21 @@ class Soak:
             p = job.get("jobProcessDetails") or {}
             busy = p.get("numberOfQueuedThings", 0) + p.get("numberOfInProgressThings", 0)
             if job["status"] == "IN_PROGRESS" and job.get("isConcurrent"):
-                out.append(f"{w.id} rolling out")
+                out.append((None, f"{w.id} rolling out"))
             elif busy and job["status"] != "SCHEDULED":
-                out.append(f"{w.id}: {busy} execution(s) not terminal")
+                for row in self.iot.list_job_executions_for_job(jobId=w.id, maxResults=100)[
+                        "executionSummaries"]:
+                    st = row["jobExecutionSummary"]["status"]
+                    if st not in TERMINAL:
+                        thing = _name(row["thingArn"])
+                        out.append((thing, f"{w.id} on {thing}: {st}"))
         for cx in self._command_executions():
             if cx["status"] not in COMMAND_TERMINAL:
-                out.append(f"command {cx['executionId']} on {_name(cx['targetArn'])}: "
-                           f"{cx['status']}")
+                thing = _name(cx["targetArn"])
+                out.append((thing, f"command {cx['executionId'][:8]} on {thing}: {cx['status']}"))
         for thing, flash in self.flashes().items():
             if not journal_idle(flash):
-                out.append(f"{thing} busy")
+                out.append((thing, f"{thing} busy"))
         return out
 
     def _command_executions(self) -> list[dict]:
@@ -1476,7 +1532,7 @@ class Soak:
             executions[w.id] = rows
         commands = [{k: cx.get(k) for k in ("executionId", "commandArn", "targetArn", "status")}
                     for cx in self.api(self._command_executions, "commands")]
-        logs = {d.thing: d.proc.log_text(20000) for d in self.fleet.devices}
+        logs = {d.thing: d.proc.log_text(10**7) for d in self.fleet.devices}
         alive = {d.thing: d.proc.proc.alive() for d in self.fleet.devices}
         return {"jobs": jobs, "executions": executions, "commands": commands, "logs": logs,
                 "alive": alive}
@@ -1502,8 +1558,9 @@ class Soak:
         fw = {}
         for d in self.fleet.devices:
             versions = [ota[j].version for j in ota if d.thing in succeeded.get(j, ())]
-            fw[d.thing] = {"ota": _ota_dir(d), "expected": max(versions, key=_vkey, default=FACTORY_VERSION),
-                           "log": state["logs"].get(d.thing, "")}
+            fw[d.thing] = {"ota": _ota_dir(d), "log": state["logs"].get(d.thing, ""),
+                           "expected": max(versions, key=_vkey, default=FACTORY_VERSION),
+                           "alive": state["alive"].get(d.thing)}
         checks.append(check_firmware(fw))
         for j, w in ota.items():
             if w.bad and succeeded.get(j):
@@ -1523,7 +1580,10 @@ class Soak:
         checks.append(check_journals(flashes))
         checks.append(check_counters(jobs, executions))
         checks.append(check_parts(flashes))
-        checks.append(check_leaks(self.pids, self.ports))
+        leaks = check_leaks(self.pids, self.ports)
+        for what in state.get("fleet_leaks") or []:
+            leaks.bad(f"the fleet's stop left {what} behind")
+        checks.append(leaks)
         exp = check_expectations(scn, jobs, executions)
         if exp.count:
             checks.append(exp)
@@ -1582,9 +1642,12 @@ class Soak:
             "runtime_s": round(time.time() - started, 1),
             "boot_s": boot_s and round(boot_s, 1),
             "faults": {"planned": len(self.faults), "injected": len(self.injected),
+                       "write_cuts_fired": write_cuts(state.get("logs", {})),
+                       "power_cuts_missed": sum("missed" in r for r in self.injected),
                        "by_kind": dict(sorted(by_kind.items())), "power_cuts_during":
                            dict(sorted(during.items())), "failed": failed,
-                       "schedule_sha256": schedule_digest(self.faults)},
+                       "schedule_sha256": schedule_digest(self.faults),
+                       "log": self.injected},
             "rollout_minutes": self.minutes,
             "jobs": jobs_out, "outcomes": dict(sorted(outcomes.items())), "commands": cmd_out,
             "drained": drained,
@@ -1643,6 +1706,40 @@ def _ota_dir(d: Any) -> str:
     return ota_dir(d.flash)
 
 
+_WRITE_CUT = re.compile(r"devsim: power cut at flash write \d+ \(\w+ (.*)\)")
+
+
+def write_cuts(logs: dict[str, str]) -> dict[str, int]:
+    """The power cuts at a flash write that fired (devsim logs them), by what was written."""
+    out: dict[str, int] = {}
+    for log in logs.values():
+        for path in _WRITE_CUT.findall(log):
+            if ".ota/ota_" in path:
+                what = "OTA slot"
+            elif "otadata" in path:
+                what = "otadata"
+            elif path.startswith("journal.json"):
+                what = "journal"
+            elif path.startswith("commands.json"):
+                what = "commands journal"
+            elif path.startswith("app.d"):
+                what = "app"
+            elif path.startswith("data") or path.endswith(".part"):
+                what = "download"
+            elif "effects.log" in path:
+                what = "effect"
+            else:
+                what = "other"
+            out[what] = out.get(what, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _halted(log_tail: str) -> bool:
+    """devsim's log ends with it halting (a bricked board, or a boot it could not make)."""
+    lines = [ln for ln in log_tail.splitlines() if ln.startswith("devsim:")]
+    return bool(lines) and lines[-1].rstrip().endswith("halted")
+
+
 def _lines(path: str) -> list[str]:
     try:
         with open(path) as f:
@@ -1660,7 +1757,10 @@ def format_report(r: dict) -> str:
                + ", ".join(f"{k} {v}" for k, v in f["by_kind"].items()))
     if f["power_cuts_during"]:
         out.append("power cuts during: " + ", ".join(f"{k} {v}" for k, v in
-                                                     f["power_cuts_during"].items()))
+                                                     f["power_cuts_during"].items())
+                   + "; at a flash write, fired: " + (", ".join(
+                       f"{k} {v}" for k, v in (f.get("write_cuts_fired") or {}).items()) or "none")
+                   + f"; between two boots (nothing to cut): {f.get('power_cuts_missed', 0)}")
     out.append(f"rollout minutes: {r['rollout_minutes']}")
     for j, d in r["jobs"].items():
         out.append(f"job {j} ({d['kind']}): {d['status']}"
