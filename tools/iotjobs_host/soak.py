@@ -1063,6 +1063,148 @@ class WorkMaker:
         return arn
 
 
+# -- a fleet that runs already ----------------------------------------------------------------------
+class _RemoteDevice:
+    """A device of a running fleet, as Soak sees one of its own (fleet.FleetDevice)."""
+
+    def __init__(self, d: dict, workdir: str) -> None:
+        from types import SimpleNamespace
+
+        self.thing, self.flash, self.pid = d["thing"], d["flash"], d["devsim_pid"]
+        self.start = proc_start_time(self.pid)
+        self.log_path = os.path.join(workdir, "devices", self.thing, "device.log")
+        self.proxy = SimpleNamespace(port=int(d["proxy"].rsplit(":", 1)[1]))
+
+    def alive(self) -> bool:
+        return self.start is not None and proc_start_time(self.pid) == self.start
+
+    def log_text(self, tail: int = 8000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - tail))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def boots(self) -> list[int]:
+        return [int(m) for m in re.findall(r"devsim: boot \d+ \(image \S+, heap \S+, pid (\d+)\)",
+                                            self.log_text(10**8))]
+
+
+class RemoteFleet:
+    """The fleet `tools/fleet up` runs in a folder, driven through its supervisor's socket with
+    the calls of iotjobs_host.fleet.Fleet; stop() leaves it running (it is `tools/fleet
+    down`'s to stop, so its processes and ports are not this run's to check)."""
+
+    def __init__(self, folder: str) -> None:
+        from .fleet_cli import Paths
+
+        self.paths = Paths(folder)
+        self.status: dict = {}
+
+    def _req(self, op: str, **args: Any) -> Any:
+        from .fleet_cli import FleetError, request
+
+        try:
+            return request(self.paths, op, timeout=300, **args)
+        except FleetError as e:
+            if op == "advance-clock":  # jobsd restarting: tried again at the next tick
+                raise ConnectionError(str(e)) from None
+            raise ScenarioError(str(e)) from None
+
+    def start(self) -> None:
+        from types import SimpleNamespace
+
+        from .stack import boto3_client
+
+        st = self.status = self._req("status")
+        self.files = st["files"]
+        self.workdir = st["workdir"]
+        self.mosquitto = SimpleNamespace(port=int(st["mqtt"].rsplit(":", 1)[1]))
+        self.jobsd = SimpleNamespace(
+            control_url=st["control_url"], data_url=st["data_url"],
+            iot=boto3_client("iot", st["control_url"]),
+            data=boto3_client("iot-jobs-data", st["data_url"]))
+        self.devices = [_RemoteDevice(d, self.workdir) for d in st["devices"]]
+
+    def signing_key(self) -> str:
+        """The key the fleet's devices trust for OTA images and app bundles (ota.pubkey of
+        their config.json): status' `signing_key`, else keys/signing-key.pem of the fleet."""
+        st = self._req("status")
+        key = st.get("signing_key") or os.path.join(st["workdir"], "keys", "signing-key.pem")
+        return key
+
+    def check(self, scn: Scenario, key: str) -> None:
+        """Refuse a scenario this fleet cannot play (its size, image, TLS, what its devices
+        were provisioned with)."""
+        st = self.status
+        if len(self.devices) != scn.devices or st.get("image") != scn.image or \
+                bool(st.get("tls")) != scn.tls:
+            raise ScenarioError(
+                f"the fleet running in {self.paths.dir} has {len(self.devices)} {st.get('image')} "
+                f"devices{' over TLS' if st.get('tls') else ''}; the scenario {scn.name} wants "
+                f"{scn.devices} {scn.image}{' over TLS' if scn.tls else ''} (tools/fleet down, or "
+                "tools/fleet up with those options)")
+        try:
+            with open(os.path.join(self.devices[0].flash, "config.json")) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError, IndexError):
+            cfg = {}
+        kinds = {w.kind for w in scn.work}
+        signed = kinds & {"ota", "app"}
+        if signed and not ((cfg.get("ota") or {}).get("pubkey") and os.path.exists(key)):
+            raise ScenarioError(
+                f"the fleet's devices trust no signing key this run can use ({key}), and the "
+                f"scenario has {' and '.join(sorted(signed))} work (signed updates)")
+        effects = "effect" in kinds or any(w.command == "effect" for w in scn.work
+                                            if w.kind == "command")
+        if effects and not cfg.get("test_handlers"):
+            raise ScenarioError("the fleet's devices run without the test handlers "
+                                "(test_handlers in config.json); the scenario has effect work")
+
+    def power_cut(self, thing: str) -> Any:
+        return self._req("power-cut", thing=thing)
+
+    def power_cut_at_write(self, thing: str, n: int) -> None:
+        self._req("cut-at-write", thing=thing, n=n)
+
+    def restart_broker(self) -> None:
+        self._req("restart-broker")
+
+    def kill_jobsd(self) -> None:
+        self._req("kill-jobsd")
+
+    def link_cut(self, thing: str) -> None:
+        self._req("link-cut", thing=thing)
+
+    def blackhole(self, thing: str, seconds: float) -> None:
+        self._req("blackhole", thing=thing, seconds=seconds)
+
+    def slow_link(self, thing: str, delay_ms: float = 0, rate: Optional[float] = None,
+                  seconds: Optional[float] = None) -> None:
+        self._req("slow", thing=thing, delay_ms=delay_ms, rate=rate, seconds=seconds)
+
+    def advance_clock(self, seconds: float) -> Any:
+        return self._req("advance-clock", seconds=seconds)
+
+    def stop(self) -> list[str]:
+        return []
+
+
+def running_fleet(folder: str) -> bool:
+    """A `tools/fleet up` supervisor answers in `folder`."""
+    from .fleet_cli import FleetError, Paths, request
+
+    if not os.path.exists(Paths(folder).sock):
+        return False
+    try:
+        request(Paths(folder), "processes", timeout=10)
+        return True
+    except FleetError:
+        return False
+
+
 # -- the run --------------------------------------------------------------------------------------
 class _Transient(Exception):
     pass
@@ -1084,8 +1226,17 @@ class Soak:
     checks. `run()` returns the report (a dict); `ok` in it says whether every invariant held."""
 
     def __init__(self, scn: Scenario, seed: int, workdir: str,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, fleet_dir: Optional[str] = None) -> None:
         self.scn, self.seed, self.workdir = scn, seed, workdir
+        # on a running fleet (tools/fleet up), job and command ids carry this run's tag: the
+        # fleet's jobsd may hold those of earlier runs
+        self.remote = fleet_dir
+        if fleet_dir:
+            tag = f"{int(time.time()) % 10**6:06d}"
+            for w in scn.work:
+                w.id = f"{w.id}-{tag}"
+        self.baseline: dict[str, tuple[str, Optional[str]]] = {}
+        self.finished: dict[str, float] = {}  # job id -> when first seen COMPLETED or CANCELED
         self.faults = schedule(scn, seed)
         self.log = log
         self.t0 = 0.0
@@ -1147,21 +1298,28 @@ class Soak:
     # -- the phases -----------------------------------------------------------------------------
     def run(self) -> dict:
         from . import sign
-        from .fleet import Fleet
 
         scn = self.scn
         started = time.time()
+        where = f"the fleet running in {self.remote}" if self.remote else "a fleet of its own"
         self.log(f"soak: scenario {scn.name}, seed {self.seed}, {scn.devices} devices "
-                 f"({scn.image}{', TLS' if scn.tls else ''}), {len(scn.work)} work item(s), "
-                 f"{len(self.faults)} fault(s) planned")
+                 f"({scn.image}{', TLS' if scn.tls else ''}) on {where}, {len(scn.work)} work "
+                 f"item(s), {len(self.faults)} fault(s) planned")
         os.makedirs(self.workdir, exist_ok=True)
-        keys = sign.keygen(os.path.join(self.workdir, "keys"), force=True)
-        cfg = {"test_handlers": True, "progress_min_ms": 1000,
-               "ota": {"pubkey": keys[sign.PUB_DER_FILE], "allow": ["http://127.0.0.1:"]},
-               "download": {"allow": ["http://127.0.0.1:"]}}
-        cfg.update(scn.device_config)
-        self.fleet = Fleet(os.path.join(self.workdir, "fleet"), scn.devices, **self._fleet_kwargs(cfg))
-        report: dict[str, Any] = {}
+        if self.remote:
+            self.fleet = RemoteFleet(self.remote)
+            key = self.fleet.signing_key()
+        else:
+            from .fleet import Fleet
+
+            keys = sign.keygen(os.path.join(self.workdir, "keys"), force=True)
+            key = keys[sign.KEY_FILE]
+            cfg = {"test_handlers": True, "progress_min_ms": 1000,
+                   "ota": {"pubkey": keys[sign.PUB_DER_FILE], "allow": ["http://127.0.0.1:"]},
+                   "download": {"allow": ["http://127.0.0.1:"]}}
+            cfg.update(scn.device_config)
+            self.fleet = Fleet(os.path.join(self.workdir, "fleet"), scn.devices,
+                               **self._fleet_kwargs(cfg))
         state: dict[str, Any] = {}
         boot_s = drain_s = None
         drained = False
@@ -1169,11 +1327,16 @@ class Soak:
             t = time.monotonic()
             self.fleet.start()
             boot_s = time.monotonic() - t
-            self.log(f"soak: fleet up in {boot_s:.1f} s")
+            if self.remote:
+                self.fleet.check(scn, key)
+            else:
+                self.log(f"soak: fleet up in {boot_s:.1f} s")
             self._record_processes()
+            self.baseline = {d.thing: (_running_version(d.flash), _app_version(d.flash))
+                             for d in self.fleet.devices}
             self.recorder = Recorder(self.fleet.mosquitto.port)
-            self.maker = WorkMaker(scn, self.workdir, str(self.fleet.files),
-                                   {"key": keys[sign.KEY_FILE]}, self.seed)
+            self.maker = WorkMaker(scn, self.workdir, str(self.fleet.files), {"key": key},
+                                   self.seed)
             self._prepare()
             self.t0 = time.monotonic()
             self._run_phase()
@@ -1191,8 +1354,7 @@ class Soak:
             self._record_processes()
             state["fleet_leaks"] = self.fleet.stop()
         checks = self._checks(state)
-        report = self._report(started, boot_s, drained, drain_s, state, checks)
-        return report
+        return self._report(started, boot_s, drained, drain_s, state, checks)
 
     def _fleet_kwargs(self, cfg: dict) -> dict:
         """Fleet's options from the scenario (keepalive, a device setting, is devsim's)."""
@@ -1221,6 +1383,8 @@ class Soak:
                 self.ports.append((p, what))
 
         f = self.fleet
+        if self.remote:
+            return  # a fleet this run did not start, and does not stop
         add(f.mosquitto.proc.pid, "mosquitto")
         port(f.mosquitto.port, "mosquitto")
         port(f.mosquitto.tls_port, "mosquitto (TLS)")
@@ -1228,9 +1392,8 @@ class Soak:
         for url, what in ((f.jobsd.control_url, "jobsd control"), (f.jobsd.data_url, "jobsd data")):
             port(int(url.rsplit(":", 1)[1]), what)
         for d in f.devices:
-            proc = d.proc
-            add(proc.proc.pid, f"devsim {d.thing}")
-            for pid in proc.boots():
+            add(d.pid, f"devsim {d.thing}")
+            for pid in d.boots():
                 add(pid, f"firmware of {d.thing}")
             if getattr(d, "proxy", None) is not None:
                 port(d.proxy.port, f"netproxy of {d.thing}")
@@ -1404,11 +1567,12 @@ class Soak:
             releasing = []
             settled = True
             for w in self.scn.work:
-                if w.kind == "command" or w.id not in self.created:
-                    continue
-                if not w.campaign.get("jobExecutionsRolloutConfig"):
+                if w.kind == "command" or w.id not in self.created or w.id in self.finished:
                     continue
                 job = self.iot.describe_job(jobId=w.id)["job"]
+                self._note(w, job)
+                if not w.campaign.get("jobExecutionsRolloutConfig"):
+                    continue
                 if not (job["status"] == "IN_PROGRESS" and job.get("isConcurrent")):
                     continue
                 releasing.append(w.id)
@@ -1466,10 +1630,15 @@ class Soak:
                          + "; ".join(text[:4]))
             self._pause(0.5)
 
+    def _note(self, w: Work, job: dict) -> None:
+        """When a job was first seen done (COMPLETED or CANCELED), for the report."""
+        if job.get("status") in ("COMPLETED", "CANCELED") and w.id not in self.finished:
+            self.finished[w.id] = self.now()
+
     def halted(self) -> set[str]:
         """Devices whose devsim no longer boots them (its process ended, or it halted)."""
         return {d.thing for d in self.fleet.devices
-                if not d.proc.proc.alive() or _halted(d.proc.log_text(300))}
+                if not d.alive() or _halted(d.log_text(300))}
 
     def _pending(self) -> list[tuple[Optional[str], str]]:
         """(thing or None, what) of everything not yet settled."""
@@ -1478,6 +1647,7 @@ class Soak:
             if w.kind == "command":
                 continue
             job = self.iot.describe_job(jobId=w.id)["job"]
+            self._note(w, job)
             p = job.get("jobProcessDetails") or {}
             busy = p.get("numberOfQueuedThings", 0) + p.get("numberOfInProgressThings", 0)
             if job["status"] == "IN_PROGRESS" and job.get("isConcurrent"):
@@ -1532,8 +1702,8 @@ class Soak:
             executions[w.id] = rows
         commands = [{k: cx.get(k) for k in ("executionId", "commandArn", "targetArn", "status")}
                     for cx in self.api(self._command_executions, "commands")]
-        logs = {d.thing: d.proc.log_text(10**7) for d in self.fleet.devices}
-        alive = {d.thing: d.proc.proc.alive() for d in self.fleet.devices}
+        logs = {d.thing: d.log_text(10**7) for d in self.fleet.devices}
+        alive = {d.thing: d.alive() for d in self.fleet.devices}
         return {"jobs": jobs, "executions": executions, "commands": commands, "logs": logs,
                 "alive": alive}
 
@@ -1559,7 +1729,8 @@ class Soak:
         for d in self.fleet.devices:
             versions = [ota[j].version for j in ota if d.thing in succeeded.get(j, ())]
             fw[d.thing] = {"ota": _ota_dir(d), "log": state["logs"].get(d.thing, ""),
-                           "expected": max(versions, key=_vkey, default=FACTORY_VERSION),
+                           "expected": max(versions, key=_vkey, default=self.baseline.get(
+                               d.thing, (FACTORY_VERSION, None))[0]),
                            "alive": state["alive"].get(d.thing)}
         checks.append(check_firmware(fw))
         for j, w in ota.items():
@@ -1570,7 +1741,7 @@ class Soak:
         if apps:
             checks.append(check_apps({t: {"flash": f, "expected": max(
                 (apps[j].version for j in apps if t in succeeded.get(j, ())), key=_vkey,
-                default=None)} for t, f in flashes.items()}))
+                default=self.baseline.get(t, (None, None))[1])} for t, f in flashes.items()}))
         if self.maker and self.maker.downloads:
             placed: dict[str, list] = {}
             for j, (path, sha) in self.maker.downloads.items():
@@ -1580,10 +1751,11 @@ class Soak:
         checks.append(check_journals(flashes))
         checks.append(check_counters(jobs, executions))
         checks.append(check_parts(flashes))
-        leaks = check_leaks(self.pids, self.ports)
-        for what in state.get("fleet_leaks") or []:
-            leaks.bad(f"the fleet's stop left {what} behind")
-        checks.append(leaks)
+        if not self.remote:  # a running fleet stays up: its processes are not this run's
+            leaks = check_leaks(self.pids, self.ports)
+            for what in state.get("fleet_leaks") or []:
+                leaks.bad(f"the fleet's stop left {what} behind")
+            checks.append(leaks)
         exp = check_expectations(scn, jobs, executions)
         if exp.count:
             checks.append(exp)
@@ -1620,6 +1792,9 @@ class Soak:
             jobs_out[w.id] = {"kind": w.kind, "status": job.get("status"),
                               "reason": job.get("reasonCode"),
                               "things": final, "attempts": counts,
+                              "took_s": (round(self.finished[w.id] - self.created[w.id], 1)
+                                         if w.id in self.finished and w.id in self.created
+                                         else None),
                               "unreleased": len(self.scn.target_things(w)) - len(last)}
         cmd_out: dict[str, dict] = {}
         for cx in state.get("commands", []):
@@ -1637,7 +1812,7 @@ class Soak:
                                "be injected"})
         return {
             "scenario": self.scn.name, "seed": self.seed, "devices": self.scn.devices,
-            "image": self.scn.image, "tls": self.scn.tls,
+            "image": self.scn.image, "tls": self.scn.tls, "fleet": self.remote or "its own",
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "runtime_s": round(time.time() - started, 1),
             "boot_s": boot_s and round(boot_s, 1),
@@ -1698,6 +1873,24 @@ def _succeeded(executions: dict[str, list[dict]]) -> dict[str, set[str]]:
 
 def _vkey(v: str) -> tuple:
     return tuple(int(p) for p in re.findall(r"\d+", v))
+
+
+def _running_version(flash: str) -> str:
+    """The firmware version the device boots (its OTA folder, as the bootloader sees it)."""
+    from .devsim import ota_dir
+
+    image = boot_choice(ota_dir(flash))[1]
+    return image["version"] if image else FACTORY_VERSION
+
+
+def _app_version(flash: str) -> Optional[str]:
+    """The version of the application the device runs, None without one."""
+    try:
+        with open(os.path.join(flash, "app.d", "state.json")) as f:
+            st = json.load(f)
+        return st.get("ver", {}).get(st.get("cur"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _ota_dir(d: Any) -> str:
@@ -1766,7 +1959,9 @@ def format_report(r: dict) -> str:
         out.append(f"job {j} ({d['kind']}): {d['status']}"
                    + (f" {d['reason']}" if d.get("reason") else "") + "; things "
                    + (", ".join(f"{k} {v}" for k, v in sorted(d["things"].items())) or "none")
-                   + (f"; {d['unreleased']} unreleased" if d["unreleased"] else ""))
+                   + (f"; {d['unreleased']} unreleased" if d["unreleased"] else "")
+                   + (f"; done {d['took_s']} s after its creation" if d.get("took_s") is not None
+                      else ""))
     for c, d in r["commands"].items():
         out.append(f"command {c}: " + ", ".join(f"{k} {v}" for k, v in sorted(d.items())))
     out.append(f"drained: {'yes' if r['drained'] else 'NO'}"
@@ -1791,8 +1986,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="the fault schedule's seed (default: the scenario's)")
     p.add_argument("--report", default=DEFAULT_REPORT,
                    help=f"write the report here as JSON (default {os.path.relpath(DEFAULT_REPORT, ROOT)})")
-    p.add_argument("--workdir", help="the run's folder: fleet, flash folders, logs (default "
-                                     "build/soak/<scenario>-<seed>, emptied first)")
+    p.add_argument("--workdir", help="the run's folder: keys, images, bundles and (its own fleet) "
+                                     "the fleet (default build/soak/<scenario>-<seed>, emptied first)")
+    p.add_argument("--fleet", metavar="DIR",
+                   help="play on the fleet `tools/fleet up --dir DIR` runs (default for "
+                        "`tools/fleet run`: the one in build/fleet if it runs, else a fleet of "
+                        "its own, started and stopped by the run)")
+    p.add_argument("--own-fleet", action="store_true",
+                   help="start a fleet of its own even when one runs")
     p.add_argument("--schedule", action="store_true",
                    help="print the fault schedule and exit (nothing is started)")
 
@@ -1810,13 +2011,23 @@ def main_run(args: argparse.Namespace) -> int:
         for f in schedule(scn, seed):
             print(json.dumps(f.as_json()))
         return 0
+    fleet_dir = getattr(args, "fleet", None)
+    if fleet_dir is None and getattr(args, "auto_fleet", True) and not getattr(args, "own_fleet", False):
+        from .fleet_cli import DEFAULT_DIR
+
+        fleet_dir = DEFAULT_DIR if running_fleet(DEFAULT_DIR) else None
+    elif fleet_dir is not None and not running_fleet(fleet_dir):
+        print(f"soak: no fleet runs in {fleet_dir} (tools/fleet up --dir {fleet_dir} starts one)",
+              file=sys.stderr)
+        return 2
     workdir = getattr(args, "workdir", None) or os.path.join(BUILD, "soak", f"{scn.name}-{seed}")
     if os.path.isdir(workdir):
         import shutil
 
         shutil.rmtree(workdir)
     print(f"soak: seed {seed} (replay: --seed {seed})", flush=True)
-    soak = Soak(scn, seed, workdir, log=lambda s: print(s, flush=True))
+    soak = Soak(scn, seed, workdir, log=lambda s: print(s, flush=True),
+                fleet_dir=os.path.abspath(fleet_dir) if fleet_dir else None)
     old = signal.signal(signal.SIGTERM, _interrupt)
     try:
         report = soak.run()
@@ -1843,6 +2054,7 @@ def _interrupt(*_: Any) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="tools/soak", description=__doc__.split("\n\n")[0])
     add_run_args(ap)
+    ap.set_defaults(auto_fleet=False)  # tools/soak starts its own fleet unless --fleet says
     return main_run(ap.parse_args(argv))
 
 
