@@ -32,6 +32,8 @@ from .store import Execution, Store
 
 log = logging.getLogger("jobsd.service")
 
+CLOCK_OFFSET = "test-clock-offset"  # settings row: the advanceClock offset, seconds
+
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,12 @@ class ServiceBase:
         self.max_active_jobs = 0             # --max-active-jobs (0: no quota)
         self.max_concurrent_jobs = 0         # --max-concurrent-jobs (0: no quota)
 
+    def resume_test_clock(self) -> None:
+        """With --test-hooks: take up the clock offset an earlier run stored (advanceClock)."""
+        stored = self._store.get_setting(CLOCK_OFFSET)
+        if stored is not None:
+            self.clock_offset = float(stored)
+
     # -- plumbing ------------------------------------------------------------------------------
     def _clock(self) -> float:
         return self._wall() + self.clock_offset
@@ -215,9 +223,14 @@ class ServiceBase:
                 if not is_number(step) or not 0 <= step <= 10 * 366 * 86400:
                     raise _invalid("advanceClock must be a number of seconds, 0..10 years")
                 self.clock_offset += step
-                upcoming = self.expire_due()  # type: ignore[attr-defined]  (service.py)
-                if upcoming is not None:
-                    self.on_deadline(upcoming)
+                # kept in the database: a restarted jobsd (with --test-hooks) resumes its
+                # clock where it was, not behind the times it stored
+                with self._store.transaction():
+                    self._store.set_setting(CLOCK_OFFSET, repr(self.clock_offset))
+                self.expire_due()  # type: ignore[attr-defined]  (service.py)
+                # the timer thread planned its sleep on the old clock: make it plan again,
+                # or a deadline the move brought closer (not past) is served late
+                self.on_deadline(self.clock())
             if "streamFault" in body:
                 fault = body["streamFault"]
                 if fault not in (None, "InternalError", "Silent"):

@@ -218,6 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       account=args.account, minute_seconds=args.minute_seconds)
     service.stream_strict_eof = args.stream_eof == "strict"
     service.test_hooks = args.test_hooks
+    if args.test_hooks:
+        service.resume_test_clock()  # a restart keeps the clock tests moved forward
     service.deletion_seconds = max(0.0, args.deletion_seconds)
     service.max_active_jobs = max(0, args.max_active_jobs)
     service.max_concurrent_jobs = max(0, args.max_concurrent_jobs)
