@@ -890,13 +890,15 @@ def _name(arn: str) -> str:
 
 # -- what the run saw on the wire -----------------------------------------------------------------
 class Recorder:
-    """A paho client on the broker's plain listener recording every job update request of
-    every thing and its `update/accepted` reply, numbered in arrival order. It reconnects
-    and resubscribes after a broker restart (what is published meanwhile is not seen)."""
+    """A paho client on the broker's plain listener: every message on every thing's jobs topics
+    goes to `wire` (a JSON line each: seconds, topic, payload; for diagnosis), and every job
+    update request and `update/accepted` reply is kept, numbered in arrival order, for the
+    one-terminal-update check. It reconnects and resubscribes after a broker restart (what is
+    published meanwhile is not seen)."""
 
-    TOPICS = ("$aws/things/+/jobs/+/update", "$aws/things/+/jobs/+/update/accepted")
+    TOPICS = ("$aws/things/+/jobs/#",)
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, wire: Optional[str] = None) -> None:
         import paho.mqtt.client as mqtt
 
         self.lock = threading.Lock()
@@ -904,6 +906,8 @@ class Recorder:
         self.requests: list[dict] = []
         self.replies: list[dict] = []
         self.connects = 0
+        self.t0 = time.monotonic()
+        self.wire = open(wire, "w") if wire else None
         self._subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"soak-recorder-{os.getpid()}-{id(self):x}")
@@ -923,18 +927,22 @@ class Recorder:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         parts = msg.topic.split("/")
-        if len(parts) < 6:
-            return
-        try:
-            body = json.loads(msg.payload)
-        except ValueError:
-            body = {}
-        if not isinstance(body, dict):
-            body = {}
-        rec = {"thing": parts[2], "job": parts[4], "token": body.get("clientToken")}
         with self.lock:
+            if self.wire is not None:
+                self.wire.write(json.dumps([round(time.monotonic() - self.t0, 3), msg.topic,
+                                            msg.payload[:400].decode(errors="replace")]) + "\n")
+            update = len(parts) in (6, 7) and parts[5] == "update"
+            if not update or (len(parts) == 7 and parts[6] != "accepted"):
+                return
+            try:
+                body = json.loads(msg.payload)
+            except ValueError:
+                body = {}
+            if not isinstance(body, dict):
+                body = {}
             self.seq += 1
-            rec["seq"] = self.seq
+            rec = {"thing": parts[2], "job": parts[4], "token": body.get("clientToken"),
+                   "seq": self.seq}
             if len(parts) == 6:
                 rec["status"] = body.get("status")
                 rec["n"] = body.get("executionNumber")
@@ -953,6 +961,10 @@ class Recorder:
             self.client.disconnect()
         finally:
             pahofix.loop_stop(self.client)
+            with self.lock:
+                if self.wire is not None:
+                    self.wire.close()
+                    self.wire = None
 
 
 # -- the work -------------------------------------------------------------------------------------
@@ -1334,11 +1346,12 @@ class Soak:
             self._record_processes()
             self.baseline = {d.thing: (_running_version(d.flash), _app_version(d.flash))
                              for d in self.fleet.devices}
-            self.recorder = Recorder(self.fleet.mosquitto.port)
+            self.recorder = Recorder(self.fleet.mosquitto.port,
+                                     os.path.join(self.workdir, "wire.jsonl"))
             self.maker = WorkMaker(scn, self.workdir, str(self.fleet.files), {"key": key},
                                    self.seed)
             self._prepare()
-            self.t0 = time.monotonic()
+            self.t0 = self.recorder.t0 = time.monotonic()
             self._run_phase()
             drained, drain_s = self._drain()
             state = self._collect()
@@ -1580,6 +1593,8 @@ class Soak:
                 if p.get("numberOfQueuedThings", 0) + p.get("numberOfInProgressThings", 0):
                     settled = False
             wall = time.monotonic()
+            if not releasing:
+                self.last_advance = wall  # a campaign created later gets a whole minute
             step = 60 if releasing and (settled or wall - self.last_advance >= self.scn.limits.minute) else 0
             self.fleet.advance_clock(step)
         except Exception as e:
