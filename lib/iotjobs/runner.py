@@ -217,6 +217,7 @@ class Runner:
         self.jobs_done = 0
         self._want_next = True
         self._recover = True
+        self._subscribed = False  # every jobs (and commands) filter acknowledged once
         self._last_check = time.ticks_ms()
         self._backoff = retry_ms
         self._retry_at = None
@@ -249,10 +250,14 @@ class Runner:
             try:
                 if not t.connected:
                     t.reconnect(self.sleep_ms)
-                    if not t.subs:
+                    if not self._subscribed:
+                        # All of them, again, until once every one got through: a link lost
+                        # in the middle leaves the transport restoring only the first few
+                        # (soak seed 4). A repeated SUBSCRIBE is harmless.
                         self.client.subscribe()
                         if self.commands is not None:
                             self.commands.subscribe()
+                        self._subscribed = True
                     self.log("connected")
                     self._want_next = True
                     self._recover = True
