@@ -2,7 +2,7 @@
 .PHONY: setup build size test demo bench lint clean deploy repl flash stack stack-down fleet fleet-down fleet-measure soak
 
 PY := .venv/bin/python
-LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/size tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash tools/stack tools/fleet boards/esp32
+LINT_PATHS := lib firmware host_tests tools/iotjobs_host tools/jobsd tools/devsim tools/build tools/size tools/images tools/demo tools/jobs tools/bench tools/sign tools/deploy tools/provision tools/flash tools/stack tools/fleet tools/soak boards/esp32
 BOARD ?=
 
 setup:
@@ -43,6 +43,12 @@ fleet-down:
 
 fleet-measure: setup
 	@tools/fleet measure --devices $(or $(DEVICES),50)
+
+# The chaos soak: 50 devices, more than 1,000 seeded faults, the invariants (build/soak.json);
+# SEED=n replays another schedule. Then the pinned regression seeds' whole replays.
+soak: setup
+	@tools/soak scenarios/soak.json --own-fleet $(if $(SEED),--seed $(SEED),) --report build/soak.json
+	IOTJOBS_SOAK_LONG=1 $(PY) -m pytest host_tests/test_soak.py -k pinned -q
 
 # Two pytest-xdist workers (every fixture takes free ports and its own tmp_path); TEST_WORKERS=0
 # runs the suite in one process.
