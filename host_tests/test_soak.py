@@ -295,7 +295,11 @@ def test_check_terminal_updates_finds_two_accepted():
     assert c.ok and c.count == 3 and c.notes == {"unmatched replies": 1}, c
     c = soak.check_terminal_updates(requests + [req(11, "a", "j", "t5", "FAILED")],
                                     replies + [rep(12, "a", "j", "t5")])
-    assert c.violations == ["j on a #1: 2 terminal updates accepted (clientTokens t2, t5)"]
+    assert c.violations == ["j on a #1: 2 terminal updates accepted (clientTokens t2, t5)",
+                            "j on a #1: the device reported SUCCEEDED then FAILED"]
+    # an outcome the service never acknowledged, then another one for the same execution
+    c = soak.check_terminal_updates(requests + [req(11, "b", "j", "t6", "REJECTED", 2)], replies)
+    assert c.violations == ["j on b #2: the device reported SUCCEEDED then REJECTED"], c.violations
 
 
 def ota_folder(tmp_path, name="dev.ota"):
@@ -610,3 +614,94 @@ def test_pinned_seed_4_soak_short(tmp_path):
     scn.limits.drain = 90  # what is stuck stays stuck: no need to wait 5 minutes to see it
     report = soak.Soak(scn, 4, str(tmp_path / "soak"), log=lambda s: None).run()
     assert report["ok"], soak.format_report(report)
+
+
+RERUN_BUG = (
+    "lib/iotjobs bug (soak, seed 1000: dev-035 installed fw-2 2.0.0 and reported SUCCEEDED, "
+    "the update was lost in a jobsd restart; 10 s later it asked start-next, got the same "
+    "execution back, ran the OTA again and reported REJECTED DOWNGRADE, which the service "
+    "kept): Runner.step() goes on to start-next in the same turn after _reconcile() resumed "
+    "and finished the journal's job even when that job's outcome is still in the outbox "
+    "(its _flush timed out), and run_job() treats an execution whose outcome waits in the "
+    "outbox as new (finished_status looks at `done` only). The same execution runs twice: "
+    "an effect applied twice, an outcome replaced by another.")
+
+
+class OneJobService:
+    """Plays the jobs service for one thing and one execution of an `effect` job on the plain
+    listener, and loses the first terminal update (no answer at all), as a service that
+    restarts at that moment does; the resend is accepted."""
+
+    def __init__(self, port: int, thing: str) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        self.base = f"$aws/things/{thing}/jobs/"
+        self.execution = {"jobId": "fx", "thingName": thing, "status": "IN_PROGRESS",
+                          "queuedAt": 1, "startedAt": 1, "lastUpdatedAt": 1,
+                          "versionNumber": 2, "executionNumber": 1,
+                          "jobDocument": {"operation": "effect"}}
+        self.terminal: list[str] = []  # statuses of the terminal updates, in order
+        self.done = threading.Event()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="svc-" + thing)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(self.base + "#", 1)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def _reply(self, topic: str, body: dict) -> None:
+        self.client.publish(self.base + topic, json.dumps({**body, "timestamp": 1}), 1)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        rest = msg.topic[len(self.base):]
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        token = {"clientToken": body.get("clientToken")}
+        if rest == "start-next":
+            ex = {} if self.done.is_set() else {"execution": self.execution}
+            self._reply("start-next/accepted", {**token, **ex})
+        elif rest == "fx/get":
+            self._reply("fx/get/accepted", {**token, "execution": self.execution})
+        elif rest == "fx/update":
+            if body.get("status") in soak.TERMINAL:
+                self.terminal.append(body["status"])
+                if len(self.terminal) == 1:
+                    return  # lost
+                self.done.set()
+            self._reply("fx/update/accepted", token)
+
+    def stop(self) -> None:
+        from iotjobs_host import pahofix
+
+        self.client.disconnect()
+        pahofix.loop_stop(self.client)
+
+
+@pytest.mark.xfail(strict=True, reason=RERUN_BUG)
+def test_pinned_seed_1000_an_outcome_waiting_in_the_outbox_is_never_run_again(
+        tmp_path, mosquitto, device):
+    """The device takes an `effect` job, applies the effect and loses its power (a halt right
+    after the effect, then SIGKILL); after the boot it reconciles, finishes the job and sends
+    SUCCEEDED, which the service never answers. It must resend that outcome, never run the
+    execution again: the effect is applied once."""
+    from iotjobs_host import stack
+
+    svc = OneJobService(mosquitto.port, "fx-1")
+    try:
+        dev = device("fx-1", tls=False, config={"test_handlers": True,
+                                                "halt_at": "handler-after-effect"})
+        stack.wait_until(lambda: "@@HALT handler-after-effect" in dev.log_text(10**6), 60,
+                         "the halt after the effect")
+        dev.power_cut()
+        assert svc.done.wait(60), (svc.terminal, dev.log_text(3000))
+        with open(os.path.join(dev.flash, "effects.log")) as f:
+            effects = f.read().split()
+        assert effects == ["fx"], (effects, svc.terminal, dev.log_text(3000))
+    finally:
+        svc.stop()

@@ -590,7 +590,8 @@ def check_downloads(flashes: dict[str, str], placed: dict[str, list[tuple[str, s
 
 
 def check_terminal_updates(requests: list[dict], replies: list[dict]) -> Check:
-    """At most one terminal update accepted per execution. `requests`: the devices' update
+    """At most one terminal update accepted per execution, and one outcome per execution from
+    its device (a resend repeats it). `requests`: the devices' update
     requests as recorded (`thing`, `job`, `token`, `status`, `n`, `seq`); `replies`: the
     `update/accepted` replies (`thing`, `job`, `token`, `seq`). A reply is matched to the
     latest request of its thing, job and clientToken before it; a device draws a random tag
@@ -619,6 +620,17 @@ def check_terminal_updates(requests: list[dict], replies: list[dict]) -> Check:
         if len(toks) > 1:
             c.bad(f"{job} on {thing} #{n}: {len(toks)} terminal updates accepted "
                   f"(clientTokens {', '.join(sorted(toks))})")
+    # A device that resends its outcome resends the same one: an execution it reported with
+    # two terminal statuses was run again after it had ended (whatever the service kept).
+    said: dict[tuple, list[str]] = {}
+    for r in sorted(requests, key=lambda r: r["seq"]):
+        if r["status"] in TERMINAL:
+            seen = said.setdefault((r["thing"], r["job"], r.get("n")), [])
+            if r["status"] not in seen:
+                seen.append(r["status"])
+    for (thing, job, n), statuses in sorted(said.items(), key=lambda kv: str(kv[0])):
+        if len(statuses) > 1:
+            c.bad(f"{job} on {thing} #{n}: the device reported {' then '.join(statuses)}")
     c.notes["unmatched replies"] = unmatched
     return c
 
@@ -995,7 +1007,23 @@ class WorkMaker:
         self.command_arns: dict[str, str] = {}
 
     def create_job(self, iot: Any, w: Work) -> str:
-        """Create the job of `w`; returns what tools/jobs printed."""
+        """Create the job of `w`; returns what tools/jobs printed. A refusal of the service (a
+        campaign option out of range...) is the scenario's mistake: ScenarioError."""
+        from botocore.exceptions import ClientError, ParamValidationError
+
+        try:
+            return self._create_job(iot, w)
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            if err.get("Code") in ("InvalidRequestException", "LimitExceededException",
+                                   "ResourceAlreadyExistsException"):
+                raise ScenarioError(f"work {w.id}: jobsd refused the job: {err.get('Code')}: "
+                                    f"{err.get('Message')}") from None
+            raise
+        except ParamValidationError as e:
+            raise ScenarioError(f"work {w.id}: {e}") from None
+
+    def _create_job(self, iot: Any, w: Work) -> str:
         from . import jobs_cli
 
         things, groups = self.scn.targets(w)
@@ -1356,9 +1384,13 @@ class Soak:
             drained, drain_s = self._drain()
             state = self._collect()
             self._record_processes()
-        except Exception as e:
-            self.errors.append(f"{type(e).__name__}: {e}")
+        except ScenarioError:
             raise
+        except Exception as e:  # reported as a violation; the checks still look at what is there
+            import traceback
+
+            self.errors.append(f"{type(e).__name__}: {e}")
+            self.log("soak: the run failed:\n" + traceback.format_exc())
         finally:
             if self.recorder is not None:
                 requests, replies = self.recorder.snapshot()
