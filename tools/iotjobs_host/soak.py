@@ -1537,12 +1537,8 @@ class Soak:
                 f.restart_broker()
                 self._record_processes()
             elif fault.kind == "jobsd_restart":
-                f.kill_jobsd()
+                f.kill_jobsd()  # its test clock's offset is in its database: it resumes there
                 self._record_processes()
-                # jobsd's test clock starts again at the wall clock: move it back to where the
-                # run had taken it (its timers and rollout minutes are stored in its time)
-                if self.advanced:
-                    self.api(lambda: f.advance_clock(self.advanced), "restoring jobsd's clock")
             elif fault.kind == "link_cut":
                 f.link_cut(fault.target)
             elif fault.kind == "blackhole":
@@ -1604,10 +1600,7 @@ class Soak:
     def _rollout_tick(self) -> None:
         """Move jobsd's clock a rollout minute once every released device of every job still
         rolling out has reported (its execution is terminal), or after `limits.minute` real
-        seconds at most. Otherwise move it by 0: jobsd then serves at once every deadline that
-        is due. (Its timer thread plans its sleep on the clock as it was; after the clock moves
-        it may sleep past a deadline by as much as the move: reported as a jobsd bug; without
-        this a command could time out minutes late and hold up the drain.)"""
+        seconds at most."""
         try:
             releasing = []
             settled = True
@@ -1627,16 +1620,16 @@ class Soak:
             wall = time.monotonic()
             if not releasing:
                 self.last_advance = wall  # a campaign created later gets a whole minute
-            step = 60 if releasing and (settled or wall - self.last_advance >= self.scn.limits.minute) else 0
-            self.fleet.advance_clock(step)
+            if not releasing or not (settled or wall - self.last_advance >= self.scn.limits.minute):
+                return
+            self.fleet.advance_clock(60)
         except Exception as e:
             if _transient(e):
                 return
             raise
-        if step:
-            self.advanced += step
-            self.last_advance = wall
-            self.minutes += 1
+        self.advanced += 60
+        self.last_advance = wall
+        self.minutes += 1
 
     # -- the drain --------------------------------------------------------------------------------
     def _drain(self) -> tuple[bool, Optional[float]]:
