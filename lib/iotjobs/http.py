@@ -108,6 +108,8 @@ def get(url, ssl_context=None, start=0, timeout=10):
             req += "Range: bytes=%d-\r\n" % start
         s.write(req.encode() + b"\r\n")
         line = s.readline()
+        if not line:  # closed before a word (a server killed mid-request): a lost link
+            raise OSError("connection closed before the response")
         parts = line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
             raise HttpError("BAD_RESPONSE")
