@@ -357,6 +357,8 @@ class Runner:
             if j.job is not None and not self._reconcile():
                 return
             self._recover = False
+            if j.out is not None:  # the resumed job ended; its outcome is sent first
+                return
         c = self.commands
         if c is not None and c.busy() and c.step():
             if c.done != self._cdone:
@@ -525,6 +527,11 @@ class Runner:
                 return
             self.version = execution.get("versionNumber")
             self._resume(j, execution.get("jobDocument"))
+            return
+        out = self.journal.out
+        if out is not None and out[0] == job_id and out[1] == n:
+            # Its outcome waits in the outbox (the service has not answered it): the outbox
+            # sends it; the execution never runs again (soak seed 1000).
             return
         self.version = execution.get("versionNumber")
         if not isinstance(self.version, int):
