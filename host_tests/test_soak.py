@@ -3,8 +3,8 @@ the member it names and why), the seeded fault schedule (a pure function of scen
 every invariant checker against a crafted bad state (each can fail), and the short soak itself
 (scenarios/soak-short.json: 10 devices, more than 100 faults, about 2 minutes) as one system
 test that must pass with no violation. Pinned seeds of violations found by the soak follow at the
-end, marked xfail(strict=True) with the bug until it is fixed (fixed: seeds 16, 4 and the
-silent close of seed 1000; still open: the outbox rerun of seed 1000)."""
+end, marked xfail(strict=True) with the bug until it is fixed (all fixed so far: seeds 16,
+4 and both of seed 1000)."""
 from __future__ import annotations
 
 import copy
@@ -683,7 +683,7 @@ class OneJobService:
         pahofix.loop_stop(self.client)
 
 
-@pytest.mark.xfail(strict=True, reason=RERUN_BUG)
+# fixed in lib/iotjobs/runner.py (step, run_job): RERUN_BUG is what it was
 def test_pinned_seed_1000_an_outcome_waiting_in_the_outbox_is_never_run_again(
         tmp_path, mosquitto, device):
     """The device takes an `effect` job, applies the effect and loses its power (a halt right
