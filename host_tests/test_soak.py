@@ -759,3 +759,51 @@ def test_pinned_seed_1000_a_server_that_closes_before_answering_is_retried(
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# -- on a fleet `tools/fleet up` runs ---------------------------------------------------------------
+def test_a_scenario_plays_on_a_running_fleet(tmp_path):
+    """`tools/fleet up` then `tools/fleet run SCENARIO --fleet DIR`: the run drives that fleet
+    (its jobsd, its devices, its faults through the supervisor), tags its job ids, leaves the
+    fleet running; a scenario of another size, or one that needs what its devices lack, is
+    refused with exit 2."""
+    fleet = tmp_path / "fleet"
+    tools = os.path.join(ROOT, "tools")
+    up = subprocess.run([os.path.join(tools, "fleet"), "up", "--devices", "3", "--dir", str(fleet),
+                         "--keepalive", "10"], capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        path = tmp_path / "s.json"
+        path.write_text(json.dumps({
+            "fleet": {"devices": 3},
+            "work": [{"id": "d", "kind": "demo", "targets": "all", "steps": 1},
+                     {"id": "r", "kind": "demo", "at": 2, "targets": "all",
+                      "campaign": {"jobExecutionsRolloutConfig": {"maximumPerMinute": 1}}},
+                     {"id": "p", "kind": "command", "at": 1, "targets": {"count": 2}}],
+            "faults": {"count": 8, "start": 1, "window": 8, "rates": {
+                "power_cut": 1, "link_cut": 1, "power_cut_at_write": 1, "broker_restart": 0.5,
+                "jobsd_restart": 0.5, "slow_link": 1}, "slow_seconds": 2},
+            "limits": {"duration": 10, "drain": 120, "minute": 5}}))
+        report = tmp_path / "r.json"
+        run = subprocess.run([os.path.join(tools, "fleet"), "run", str(path), "--fleet", str(fleet),
+                              "--workdir", str(tmp_path / "w"), "--report", str(report)],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr
+        r = json.loads(report.read_text())
+        assert r["fleet"] == str(fleet) and r["ok"] and r["faults"]["injected"] == 8, r
+        assert all(j.startswith(("d-", "r-")) for j in r["jobs"]), r["jobs"]
+        assert all(d["things"] == {"SUCCEEDED": 3} for d in r["jobs"].values()), r["jobs"]
+        assert "leaks" not in {c["name"] for c in r["invariants"]}  # the fleet stays up
+        status = subprocess.run([os.path.join(tools, "fleet"), "status", "--dir", str(fleet)],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        # the rollout wants 50 devices; an OTA wants devices that trust a signing key
+        for scenario, why in ((os.path.join(SCENARIOS, "rollout.json"), "has 3 fleet32 devices"),):
+            refused = subprocess.run([os.path.join(tools, "fleet"), "run", scenario, "--fleet",
+                                      str(fleet), "--workdir", str(tmp_path / "w2")],
+                                     capture_output=True, text=True, timeout=120)
+            assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+    finally:
+        down = subprocess.run([os.path.join(tools, "fleet"), "down", "--dir", str(fleet)],
+                              capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stdout + down.stderr
