@@ -1294,6 +1294,7 @@ class Soak:
         self.last_advance = 0.0
         self.minutes = 0
         self.advanced = 0.0  # seconds jobsd's clock was moved forward
+        self.drained_at: Optional[float] = None  # seconds into the run
         self.pids: list[tuple[int, Optional[int], str]] = []
         self.ports: list[tuple[int, str]] = []
         self.errors: list[str] = []
@@ -1667,6 +1668,7 @@ class Soak:
                 pending = [(None, "jobsd not answering")]
             if not pending and not self.restores:
                 t = self.now()
+                self.drained_at = t
                 took = t - self.last_fault_end
                 self.log(f"soak: {t:6.1f} s: drained {took:.1f} s after the last fault")
                 return True, took
@@ -1760,7 +1762,22 @@ class Soak:
                     for cx in self.api(self._command_executions, "commands")]
         logs = {d.thing: d.log_text(10**7) for d in self.fleet.devices}
         alive = {d.thing: d.alive() for d in self.fleet.devices}
+        # why executions did not succeed (statusDetails is in DescribeJobExecution only)
+        reasons: dict[str, dict[str, int]] = {}
+        for job_id, rows in executions.items():
+            for row in rows:
+                s = row["jobExecutionSummary"]
+                if s["status"] not in ("FAILED", "REJECTED", "TIMED_OUT"):
+                    continue
+                ex = self.api(lambda job_id=job_id, row=row, s=s: iot.describe_job_execution(
+                    jobId=job_id, thingName=_name(row["thingArn"]),
+                    executionNumber=s["executionNumber"])["execution"], "describe execution")
+                d = (ex.get("statusDetails") or {}).get("detailsMap") or {}
+                why = " ".join(x for x in (s["status"], d.get("reason"), d.get("message")) if x)
+                per = reasons.setdefault(job_id, {})
+                per[why[:120]] = per.get(why[:120], 0) + 1
         return {"jobs": jobs, "executions": executions, "commands": commands, "logs": logs,
+                "reasons": reasons,
                 "alive": alive}
 
     def _checks(self, state: dict) -> list[Check]:
@@ -1851,7 +1868,8 @@ class Soak:
                               "took_s": (round(self.finished[w.id] - self.created[w.id], 1)
                                          if w.id in self.finished and w.id in self.created
                                          else None),
-                              "unreleased": len(self.scn.target_things(w)) - len(last)}
+                              "unreleased": len(self.scn.target_things(w)) - len(last),
+                              "not_succeeded": state.get("reasons", {}).get(w.id, {})}
         cmd_out: dict[str, dict] = {}
         for cx in state.get("commands", []):
             wid = self.command_executions.get(cx["executionId"], ("?",))[0]
@@ -1883,6 +1901,12 @@ class Soak:
             "jobs": jobs_out, "outcomes": dict(sorted(outcomes.items())), "commands": cmd_out,
             "drained": drained,
             "drain_after_last_fault_s": drain_s and round(drain_s, 1),
+            # the last fault's end is its injection, or for a blackhole or a slow link the
+            # moment the link came back
+            "last_fault_injected_at_s": round(max((r["injected_at"] for r in self.injected),
+                                                  default=0.0), 1),
+            "last_fault_ended_at_s": round(self.last_fault_end, 1),
+            "drained_at_s": self.drained_at and round(self.drained_at, 1),
             "invariants": [{"name": c.name, "what": c.what, "checked": c.count,
                             "violations": len(c.violations), **({"notes": c.notes} if c.notes else {})}
                            for c in checks],
@@ -2018,10 +2042,14 @@ def format_report(r: dict) -> str:
                    + (f"; {d['unreleased']} unreleased" if d["unreleased"] else "")
                    + (f"; done {d['took_s']} s after its creation" if d.get("took_s") is not None
                       else ""))
+        for why, n in sorted((d.get("not_succeeded") or {}).items()):
+            out.append(f"    {n} x {why}")
     for c, d in r["commands"].items():
         out.append(f"command {c}: " + ", ".join(f"{k} {v}" for k, v in sorted(d.items())))
     out.append(f"drained: {'yes' if r['drained'] else 'NO'}"
-               + (f", {r['drain_after_last_fault_s']} s after the last fault"
+               + (f", {r['drain_after_last_fault_s']} s after the last fault (the last "
+                  f"injected at {r.get('last_fault_injected_at_s')} s, ended at "
+                  f"{r.get('last_fault_ended_at_s')} s; drained at {r.get('drained_at_s')} s)"
                   if r["drain_after_last_fault_s"] is not None else ""))
     for c in r["invariants"]:
         out.append(f"  {'ok  ' if not c['violations'] else 'FAIL'} {c['what']}: {c['checked']} "
