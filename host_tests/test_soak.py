@@ -708,12 +708,12 @@ def test_pinned_seed_1000_an_outcome_waiting_in_the_outbox_is_never_run_again(
 
 
 SILENT_CLOSE_BUG = (
-    "lib/iotjobs bug (soak, seed 1000: app-1 on dev-014, dev-021, dev-047 and app-3 on dev-007 "
-    "FAILED DOWNLOAD_FAILED BAD_RESPONSE http 0, each within a second or two of a jobsd restart): "
-    "http.get raises HttpError('BAD_RESPONSE', status 0) when the server closes the connection "
-    "before a status line (it went away mid-request), and fetch_file (download-file, "
-    "app-update) and the OTA's _stream treat every HttpError below 500 as final: a lost "
-    "connection, which they retry with Range when it comes as an OSError, fails the job at once.")
+    "lib/iotjobs bug (found diagnosing soak seed 1000, whose BAD_RESPONSE failures turned out to "
+    "be the Range-past-the-end bug below): http.get raised HttpError('BAD_RESPONSE', status 0) "
+    "when the server closes the connection before a status line (it went away mid-request, as "
+    "a killed jobsd does), and fetch_file (download-file, app-update) and the OTA's _stream "
+    "treat every HttpError below 500 as final: a lost connection, which they retry with Range "
+    "when it comes as an OSError, failed the job at once.")
 
 
 # fixed in lib/iotjobs/http.py: a close before the status line is a lost link (OSError)
@@ -811,7 +811,9 @@ def test_a_scenario_plays_on_a_running_fleet(tmp_path):
 
 RANGE_PAST_END_BUG = (
     "lib/iotjobs bug (soak-short seed 10: fw-2 on dev-007; seed 8: app-1 on dev-005; stock32 "
-    "seed 16: fw-2 on dev-008; each FAILED DOWNLOAD_FAILED BAD_RESPONSE right after a resume): "
+    "seed 16: fw-2 on dev-008; soak seed 1000: fw-2 on dev-042, app-1 on dev-014, dev-021, "
+    "dev-047, app-3 on dev-007 and dev-021; each FAILED DOWNLOAD_FAILED BAD_RESPONSE right "
+    "after a resume): "
     "a power cut after the last bytes of a file were written and checkpointed, before what "
     "follows (the OTA's set_boot, the download's rename, the app's next file), resumes the "
     "download with `Range: bytes=<size>-`; jobsd rightly answers 416 with `Content-Range: "
