@@ -156,6 +156,30 @@ def test_download_over_https_checks_the_server_certificate(jobsd, iot, device, p
         bad.stop()
 
 
+def test_download_cut_after_its_last_checkpoint_takes_the_416(jobsd, iot, device):
+    """A 64 KiB file (its last chunk is also its checkpoint), power cut there: the resume asks
+    from the end, the server answers 416 `bytes */65536`, and the device takes that as nothing
+    left, not as a bad answer: SUCCEEDED with the file whole (soak seeds 10 and 8)."""
+    from iotjobs_host.fileserver import FlakyServer
+
+    data = os.urandom(64 * 1024)
+    srv = FlakyServer(data)
+    try:
+        thing = "dl-416"
+        dev = run(iot, device, thing, [{"operation": "download-file", "url": srv.url + "f.bin",
+                                        "path": "f.bin", "sha256": hashlib.sha256(data).hexdigest()}],
+                  {"halt_at": "download-checkpoint"})
+        stack.wait_until(lambda: "@@HALT download-checkpoint" in dev.log_text(10**6), 60, "the halt")
+        dev.power_cut()
+        got, details = finished(iot, dev, thing, 0, 60)
+        assert got == "SUCCEEDED", (details, dev.log_text(3000))
+        assert srv.ranges == [0, len(data)], srv.ranges
+        with open(os.path.join(dev.flash, "data", "f.bin"), "rb") as f:
+            assert f.read() == data
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("faults,status,reason", [
     ({"cuts": 2, "keep": 70_000}, "SUCCEEDED", "OK"),
     ({"fail_status": 503, "fails": 2}, "SUCCEEDED", "OK"),

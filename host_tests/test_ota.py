@@ -206,6 +206,25 @@ def test_download_cut_short_resumes_with_range(jobsd, iot, ota_device, cuts, kee
         srv.stop()
 
 
+def test_a_cut_after_the_last_checkpoint_asks_nothing_more(jobsd, iot, ota_device):
+    """An image of whole checkpoints (256 KiB: the 4th offset checkpoint is its end): a power cut
+    right after it resumes with the slot holding every byte. The device asks the server for
+    nothing past the end and SUCCEEDS (soak seed 10: it asked, and failed on the 416)."""
+    img = make_image("2.0.0", size=256 * 1024)
+    srv = FlakyServer(img)
+    try:
+        doc = native("unused", img, "2.0.0", url=f"http://127.0.0.1:{srv.port}/fw.bin")
+        thing = "ota-last-cp"
+        dev = ota_device(thing, [doc], {"test_handlers": True, "halt_at": "ota-checkpoint#4"})
+        stack.wait_until(lambda: "@@HALT ota-checkpoint#4" in dev.log_text(10**7), 60, "the halt")
+        dev.power_cut()
+        got, details = result(iot, dev, thing, 0, 90)
+        assert got == "SUCCEEDED" and details["version"] == "2.0.0", (details, dev.log_text())
+        assert srv.ranges == [0], srv.ranges
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("fails,status", [(2, "SUCCEEDED"), (-1, "FAILED")])
 def test_server_errors_are_retried(jobsd, iot, ota_device, fails, status):
     """503 twice, then the image: SUCCEEDED; 500 for ever: FAILED DOWNLOAD_FAILED after the first

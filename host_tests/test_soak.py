@@ -4,7 +4,7 @@ every invariant checker against a crafted bad state (each can fail), and the sho
 (scenarios/soak-short.json: 10 devices, more than 100 faults, about 2 minutes) as one system
 test that must pass with no violation. Pinned seeds of violations found by the soak follow at the
 end, marked xfail(strict=True) with the bug until it is fixed (all fixed so far: seeds 16,
-4 and both of seed 1000)."""
+4, 10/8 (the resume past the end) and both of seed 1000)."""
 from __future__ import annotations
 
 import copy
@@ -809,20 +809,11 @@ def test_a_scenario_plays_on_a_running_fleet(tmp_path):
         assert down.returncode == 0, down.stdout + down.stderr
 
 
-RANGE_PAST_END_BUG = (
-    "lib/iotjobs bug (soak-short seed 10: fw-2 on dev-007; seed 8: app-1 on dev-005; stock32 "
-    "seed 16: fw-2 on dev-008; soak seed 1000: fw-2 on dev-042, app-1 on dev-014, dev-021, "
-    "dev-047, app-3 on dev-007 and dev-021; each FAILED DOWNLOAD_FAILED BAD_RESPONSE right "
-    "after a resume): "
-    "a power cut after the last bytes of a file were written and checkpointed, before what "
-    "follows (the OTA's set_boot, the download's rename, the app's next file), resumes the "
-    "download with `Range: bytes=<size>-`; jobsd rightly answers 416 with `Content-Range: "
-    "bytes */<size>`, which http.get cannot parse (int(b'*'): ValueError -> BAD_RESPONSE, "
-    "status 0) and the job FAILS, though every byte is there. A resume with nothing left to "
-    "fetch should not ask (or should take 416 with the whole size as done).")
-
-
-@pytest.mark.xfail(strict=True, reason=RANGE_PAST_END_BUG)
+# soak-short seed 10 (fw-2 on dev-007), seed 8 (app-1 on dev-005), stock32 seed 16 (fw-2 on
+# dev-008), soak seed 1000 (fw-2, app-1, app-3): a power cut after a file's last bytes were written
+# and checkpointed resumed with `Range: bytes=<size>-`; jobsd's 416 `Content-Range: bytes */<size>`
+# was unparsable to http.get (BAD_RESPONSE) and the job FAILED though every byte was there. Fixed:
+# the OTA asks nothing when the slot holds every byte, and http.get takes that 416 as an empty 206.
 def test_pinned_seed_10_a_download_cut_after_its_last_checkpoint_resumes(
         tmp_path, mosquitto, jobsd, iot, device, files):
     """A 64 KiB download-file (its last chunk is also a checkpoint): the device halts at that

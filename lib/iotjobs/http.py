@@ -131,9 +131,10 @@ def get(url, ssl_context=None, start=0, timeout=10):
             if name == b"content-length":
                 length = int(value)
             elif name == b"content-range" and value.startswith(b"bytes "):
-                # bytes a-b/total
+                # bytes a-b/total, or bytes */total (a 416's: no range of it is satisfiable)
                 rng, _, tot = value[6:].partition(b"/")
-                first = int(rng.split(b"-")[0])
+                if rng != b"*":
+                    first = int(rng.split(b"-")[0])
                 if tot != b"*":
                     total = int(tot)
         if status == 200:
@@ -142,6 +143,10 @@ def get(url, ssl_context=None, start=0, timeout=10):
         elif status == 206:
             if first != start:
                 raise HttpError("BAD_RANGE", status)
+        elif status == 416 and start and total == start:
+            # asked from the very end (a resume after the last byte was kept): nothing is left,
+            # an empty 206; the 416's own body is not the file's and is never read
+            return Response(s, 206, 0, start, total)
         else:
             raise HttpError("HTTP_%d" % status, status)
         return Response(s, status, length, first, total)

@@ -157,7 +157,9 @@ class Ota(Handler):
         attempt = 0
         while True:
             try:
-                total = self._stream(ctx, url, slot, label, off, size, buf, h)
+                # a cut after the last block's checkpoint: the slot holds every byte already
+                total = off if off >= size else self._stream(ctx, url, slot, label, off, size,
+                                                             buf, h)
                 break
             except _Cut as e:
                 attempt += 1

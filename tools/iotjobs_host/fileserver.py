@@ -41,6 +41,12 @@ class FlakyServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if rng and start >= len(whole):  # nothing from there: 416, as S3 and jobsd
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(whole)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = whole[start:]
                 self.send_response(206 if rng else 200)
                 if rng:
