@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, thing_arn
 
 from iotjobs_host import stack
-from iotjobs_host.fleet import Fleet, listening_ports, start_time
+from iotjobs_host.fleet import Fleet, is_firmware, listening_ports, start_time
 
 TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED"}
 KEEPALIVE = 5  # a blackholed device finds out within about 1.5 keepalives
@@ -171,6 +171,22 @@ def test_fleet_runs_a_job_everywhere_and_takes_every_fault(fleet: Fleet):
     assert all(start_time(p) is None for p in pids.values()), pids
     assert not (listening_ports() & ports)
     assert time.monotonic() - t0 < 120
+
+
+def test_a_power_cut_aims_at_the_firmware_never_at_a_helper():
+    """Fleet.power_cut kills the interpreter devsim exec'd (`-X heapsize=...`), never one of
+    devsim's short-lived forked helpers (the bootloader's checks), whose death halted devsim."""
+    import sys
+
+    fw = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-X", "heapsize=96K"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--heap", "96K"])
+    try:
+        assert is_firmware(fw.pid) and not is_firmware(other.pid)
+        assert not is_firmware(2**22 + 1)  # no such process
+    finally:
+        for p in (fw, other):
+            p.kill()
+            p.wait()
 
 
 def test_devsim_cut_at_write_from_the_start(tmp_path):

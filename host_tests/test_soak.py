@@ -765,8 +765,8 @@ def test_pinned_seed_1000_a_server_that_closes_before_answering_is_retried(
 def test_a_scenario_plays_on_a_running_fleet(tmp_path):
     """`tools/fleet up` then `tools/fleet run SCENARIO --fleet DIR`: the run drives that fleet
     (its jobsd, its devices, its faults through the supervisor), tags its job ids, leaves the
-    fleet running; a scenario of another size, or one that needs what its devices lack, is
-    refused with exit 2."""
+    fleet running. `up` gave the devices a signing key and the test handlers, so a signed OTA
+    and an effect job play; a scenario of another size is refused with exit 2."""
     fleet = tmp_path / "fleet"
     tools = os.path.join(ROOT, "tools")
     up = subprocess.run([os.path.join(tools, "fleet"), "up", "--devices", "3", "--dir", str(fleet),
@@ -777,6 +777,9 @@ def test_a_scenario_plays_on_a_running_fleet(tmp_path):
         path.write_text(json.dumps({
             "fleet": {"devices": 3},
             "work": [{"id": "d", "kind": "demo", "targets": "all", "steps": 1},
+                     {"id": "o", "kind": "ota", "version": "2.0.0", "size": 65536, "at": 1,
+                      "targets": "all"},  # signed: the up fleet's devices trust its key
+                     {"id": "e", "kind": "effect", "at": 1, "targets": "all"},
                      {"id": "r", "kind": "demo", "at": 2, "targets": "all",
                       "campaign": {"jobExecutionsRolloutConfig": {"maximumPerMinute": 1}}},
                      {"id": "p", "kind": "command", "at": 1, "targets": {"count": 2}}],
@@ -791,13 +794,20 @@ def test_a_scenario_plays_on_a_running_fleet(tmp_path):
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr
         r = json.loads(report.read_text())
         assert r["fleet"] == str(fleet) and r["ok"] and r["faults"]["injected"] == 8, r
-        assert all(j.startswith(("d-", "r-")) for j in r["jobs"]), r["jobs"]
-        assert all(d["things"] == {"SUCCEEDED": 3} for d in r["jobs"].values()), r["jobs"]
+        assert all(j.startswith(("d-", "r-", "o-", "e-")) for j in r["jobs"]), r["jobs"]
+        assert len(r["jobs"]) == 4, r["jobs"]
+        jobs = json.dumps(r["jobs"])
+        assert all(d["things"] == {"SUCCEEDED": 3} for d in r["jobs"].values()
+                   if d["kind"] != "ota"), jobs
+        # the OTA ran on all three; a power cut in its self-test window rolls it back (FAILED),
+        # which the invariants (r["ok"]) judged legitimate
+        ota = next(d for d in r["jobs"].values() if d["kind"] == "ota")
+        assert sum(ota["things"].get(s, 0) for s in ("SUCCEEDED", "FAILED")) == 3, jobs
         assert "leaks" not in {c["name"] for c in r["invariants"]}  # the fleet stays up
         status = subprocess.run([os.path.join(tools, "fleet"), "status", "--dir", str(fleet)],
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stdout + status.stderr
-        # the rollout wants 50 devices; an OTA wants devices that trust a signing key
+        # the rollout wants 50 devices
         for scenario, why in ((os.path.join(SCENARIOS, "rollout.json"), "has 3 fleet32 devices"),):
             refused = subprocess.run([os.path.join(tools, "fleet"), "run", scenario, "--fleet",
                                       str(fleet), "--workdir", str(tmp_path / "w2")],

@@ -548,6 +548,12 @@ class Devsim:
             try:
                 rc = self.boot()
             except ChildFailed as e:
+                if e.code < 0 and not self.stopping:
+                    # the bootloader's helper was killed (a power cut aimed at the firmware
+                    # that came while the bootloader ran): the board boots again
+                    print(f"devsim: the bootloader was cut ({e}); resetting", flush=True)
+                    time.sleep(1)
+                    continue
                 print(f"devsim: the boot failed ({e}); halted", flush=True)
                 return 1
             if self.stopping:

@@ -71,6 +71,15 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def is_firmware(pid: int) -> bool:
+    """True when the process is a MicroPython firmware devsim exec'd (`-X heapsize=...`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"\0heapsize=" in f.read()
+    except OSError:
+        return False
+
+
 def listening_ports() -> set[int]:
     """TCP ports in LISTEN state on this machine (IPv4 and IPv6)."""
     ports = set()
@@ -157,6 +166,8 @@ class FleetDevice:
         if not self.alive():
             return None
         for pid in children(self.pid):
+            if not is_firmware(pid):  # devsim's short-lived bootloader helper, or not exec'd yet
+                continue
             st = start_time(pid)
             if st is not None:
                 self.firmware_seen.setdefault(pid, st)

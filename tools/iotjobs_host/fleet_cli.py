@@ -97,6 +97,21 @@ FAULTS = {
 }
 
 
+def device_config(keys: str) -> dict:
+    """What every device of an `up` fleet is provisioned with, so that any shipped scenario
+    plays on it: the OTA and app-update signing key (made in `keys` on the first `up`, kept
+    after: the devices' flash trusts it), the test handlers (the soak's effect jobs), and the
+    fleet's own file server as the one download and update source."""
+    from . import sign
+
+    pub = os.path.join(keys, sign.PUB_DER_FILE)
+    if not (os.path.exists(pub) and os.path.exists(os.path.join(keys, sign.KEY_FILE))):
+        pub = sign.keygen(keys, force=True)[sign.PUB_DER_FILE]
+    local = ["http://127.0.0.1:"]
+    return {"test_handlers": True, "progress_min_ms": 1000,
+            "ota": {"pubkey": pub, "allow": local}, "download": {"allow": local}}
+
+
 def supervise(args: argparse.Namespace) -> int:
     """Start the fleet, record it, serve commands until `down` (or SIGTERM), stop it."""
     from .fleet import Fleet
@@ -107,7 +122,8 @@ def supervise(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     fleet = Fleet(p.work, args.devices, image=args.image, tls=args.tls, heap=args.heap,
-                  seed=args.seed, jobsd_extra=args.jobsd_arg or (), keepalive=args.keepalive)
+                  seed=args.seed, jobsd_extra=args.jobsd_arg or (), keepalive=args.keepalive,
+                  config=device_config(os.path.join(p.work, "keys")))
     print(f"fleet: starting {args.devices} devices in {p.work} (seed {fleet.seed})", flush=True)
     t0 = time.monotonic()
     try:

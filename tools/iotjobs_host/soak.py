@@ -1581,7 +1581,7 @@ class Soak:
     def _power_cut(self, thing: str) -> Optional[int]:
         """SIGKILL the thing's firmware process (the interpreter devsim started, never one of
         devsim's own short-lived helper children, whose death halts devsim); its pid, or None
-        between two boots. (Fleet.power_cut picks any child of devsim: reported.)"""
+        between two boots."""
         from .fleet import children
 
         d = self.device(thing)

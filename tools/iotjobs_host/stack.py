@@ -185,7 +185,9 @@ class Jobsd:
 
     def __init__(self, workdir: str, broker: str, files: Optional[str] = None,
                  extra: Optional[list[str]] = None, db: Optional[str] = None,
-                 log_name: str = "jobsd.log") -> None:
+                 log_name: str = "jobsd.log", ready_timeout: float = 60.0) -> None:
+        # 60 s: jobsd is ready in about a second, but a restart on a loaded machine (a 50-device
+        # soak on two cores, its store in recovery) has taken over 20
         os.makedirs(workdir, exist_ok=True)
         argv = [os.path.join(TOOLS, "jobsd"), "--broker", broker, "--data", "127.0.0.1:0",
                 "--control", "127.0.0.1:0", "--db", db or os.path.join(workdir, "jobsd.sqlite3")]
@@ -194,7 +196,7 @@ class Jobsd:
         argv += extra or []
         self.proc = Proc("jobsd", argv, os.path.join(workdir, log_name), stdout_pipe=True)
         try:
-            line = self._ready_line(20)
+            line = self._ready_line(ready_timeout)
         except Exception:
             self.proc.stop()
             raise
