@@ -18,7 +18,7 @@
 import json
 import os
 import time
-import platform
+import iotjobs_board as hw  # the board module: boards/esp32/ on an ESP32, firmware/ on unix
 
 CONFIG = "config.json"
 
@@ -81,7 +81,7 @@ def demo(ctx, doc):
         raise JobFailed("BAD_ARGUMENT", "step_ms must be an integer 0..10000")
     for i in range(steps):
         if step_ms:
-            platform.sleep_ms(step_ms)
+            hw.sleep_ms(step_ms)
         ctx.progress(True, step="%d/%d" % (i + 1, steps))
     if doc.get("fail"):
         raise RuntimeError(doc["fail"])
@@ -111,7 +111,7 @@ def _lazy(module, cls, **kw):
                     m = __import__(self.module, None, None, [self.cls])
                     self.real = getattr(m, self.cls)(**self.kw)
                     self.idempotent = self.real.idempotent
-                    self.kw = None
+                    del self.kw  # needed once: its memory goes back
                 return self.real
 
             def run(self, ctx, doc):
@@ -132,7 +132,7 @@ def transfer(cfg):
     ESP32 without PSRAM holds one TLS session, not two)."""
     t = cfg.get("transfer")
     if t not in ("mqtt", "http"):
-        board = getattr(platform, "board", None)
+        board = getattr(hw, "board", None)
         t = board().get("transfer") if board is not None else None
     return t if t in ("mqtt", "http") else "mqtt"
 
@@ -189,10 +189,10 @@ def ticking(hook):
     feeds the watchdog and drives the LED; `hook` is the test aid halt_hook, or None."""
 
     def on_point(at):
-        platform.tick()
+        hw.tick()
         pattern = _LED_AT.get(at)
         if pattern:
-            platform.led(pattern)
+            hw.led(pattern)
         if hook is not None:
             hook(at)
 
@@ -217,7 +217,7 @@ def build(cfg):
 
         def wait(self, timeout_ms):
             while True:
-                platform.tick()
+                hw.tick()
                 n = timeout_ms if timeout_ms < 250 else 250
                 op = Transport.wait(self, n)
                 timeout_ms -= n
@@ -225,11 +225,11 @@ def build(cfg):
                     return op
 
         def try_reconnect(self):
-            platform.led("connecting")
+            hw.led("connecting")
             if not synced[0]:
-                synced[0] = platform.sync_time(log)
+                synced[0] = hw.sync_time(log)
             Transport.try_reconnect(self)
-            platform.led("online")
+            hw.led("online")
 
     gc.collect()
     from iotjobs.client import JobsClient
@@ -255,7 +255,7 @@ def build(cfg):
     app = app_config(cfg)
     way = transfer(cfg)
     sopts = cfg.get("stream") if isinstance(cfg.get("stream"), dict) else None
-    ota_kw = {"platform": platform, "pubkey": _read(ota["pubkey"]) if ota.get("pubkey") else None,
+    ota_kw = {"board": hw, "pubkey": _read(ota["pubkey"]) if ota.get("pubkey") else None,
               "allow": ota.get("allow", dl.get("allow", ())),
               "ssl_context": lambda: download_context(cfg), "transfer": way, "stream": sopts}
     ota_handler = _lazy("iotjobs.ota", "Ota", **ota_kw)
@@ -300,11 +300,11 @@ def build(cfg):
         Journal("journal.json", log),
         handlers,
         log=log,
-        reset=platform.reset,
+        reset=hw.reset,
         progress_min_ms=cfg.get("progress_min_ms", 5000),
         step_timeout_min=cfg.get("step_timeout_min"),
         handler_timeout_s=cfg.get("handler_timeout_s", 600),
-        sleep_ms=platform.sleep_ms,  # feeds the watchdog through long reconnect backoffs
+        sleep_ms=hw.sleep_ms,  # feeds the watchdog through long reconnect backoffs
         on_point=ticking(halt_hook(cfg.get("halt_at"))),
     )
     runner.app = state
@@ -331,7 +331,7 @@ def commands(runner, client, cfg):
     from iotjobs.journal import Journal
 
     c = C.Commands(client, Journal("commands.json", log), runner.journal, log=log,
-                   reset=platform.reset, on_point=runner.on_point)
+                   reset=hw.reset, on_point=runner.on_point)
     c.register("ping", _builtin("ping"))
     c.register("reboot", _builtin("reboot"))
     c.register("get-config", _builtin("get_config", cfg))
@@ -351,15 +351,15 @@ def app_config(cfg):
 def start_app(runner, cfg):
     """Start the installed application, if there is one (iotjobs.appstate)."""
     if runner.app is not None:
-        runner.app.launch(runner, (app_config(cfg) or {}).get("settings") or {}, platform.reset)
+        runner.app.launch(runner, (app_config(cfg) or {}).get("settings") or {}, hw.reset)
 
 
 def main():
     cfg = load_config()
-    log("iotjobs on %s, thing %s" % (platform.NAME, cfg["thing"]))
-    platform.led("boot")
-    platform.init_watchdog()  # cannot be stopped: from here on every wait and sleep feeds it
-    if not platform.connect_network(cfg, log):
+    log("iotjobs on %s, thing %s" % (hw.NAME, cfg["thing"]))
+    hw.led("boot")
+    hw.init_watchdog()  # cannot be stopped: from here on every wait and sleep feeds it
+    if not hw.connect_network(cfg, log):
         log("no network yet: the station keeps trying, the runner waits for the broker",
             "warning")
     runner = build(cfg)
@@ -372,18 +372,18 @@ def selftest(runner, cfg):
     """A new firmware image confirms itself once it has reached the broker and the jobs service
     (the first answer to a request); one that fails its self-test resets at once, and the
     bootloader returns to the previous image. Before the confirmation no reset may happen."""
-    if not platform.ota_pending():
+    if not hw.ota_pending():
         return
-    st = platform.ota_state()
+    st = hw.ota_state()
     if not st or not st.get("pending"):
         return
     log("firmware %s is on trial (slot %s)" % (st.get("version"), st.get("slot")))
     if (st.get("flags") or {}).get("selftest") == "fail":
         log("self-test failed: back to the previous image")
-        platform.reset()
+        hw.reset()
 
     def confirm():
-        platform.partition_class().mark_app_valid_cancel_rollback()
+        hw.partition_class().mark_app_valid_cancel_rollback()
         log("self-test passed: firmware %s confirmed" % st.get("version"))
 
     runner.on_online = confirm

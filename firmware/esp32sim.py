@@ -1,5 +1,5 @@
 # The unix-port twin of esp32.Partition: the ESP32's two OTA app slots and its otadata, kept in
-# files that tools/devsim (the bootloader) owns. Only firmware/platform.py imports it.
+# files that tools/devsim (the bootloader) owns. Only firmware/iotjobs_board.py imports it.
 #
 # Semantics follow MicroPython's esp32.Partition over ESP-IDF (esp32_partition.c, esp_ota_ops):
 #   - 4096-byte blocks; writeblocks(block, buf) erases the range first and needs whole blocks

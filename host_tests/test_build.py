@@ -45,7 +45,7 @@ def test_build_reports_a_syntax_error(tmp_path, monkeypatch):
 
 def test_every_board_builds_within_its_budget():
     """Each board's files compile for its architecture, without the unix twins, with its own
-    platform module and board.json, and within its code budget."""
+    board module and board.json, and within its code budget."""
     r = subprocess.run([os.path.join(ROOT, "tools", "build"), "--all-boards"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -54,15 +54,15 @@ def test_every_board_builds_within_its_budget():
         assert f"{name} ({info['arch']}):" in r.stdout and "within" in r.stdout
         out = os.path.join(ROOT, "build", name)
         files = {rel for rel, _ in B.size_report(out)}
-        assert {"main.py", "app.mpy", "platform.mpy", "board.json", "iotjobs/runner.mpy",
+        assert {"main.py", "app.mpy", "iotjobs_board.mpy", "board.json", "iotjobs/runner.mpy",
                 "umqtt/simple.mpy"} <= files, files
         total = sum(n for _, n in B.size_report(out))
         assert total <= info["code_budget_kb"] * 1024
         if info["chip"] != "unix":
             assert not files & {"esp32sim.mpy", "testhandlers.mpy"}, "unix twins on a board"
-            with open(os.path.join(out, "platform.mpy"), "rb") as f:
+            with open(os.path.join(out, "iotjobs_board.mpy"), "rb") as f:
                 mpy = f.read()
-            assert b"WLAN" in mpy or b"network" in mpy, "the ESP32 platform module, not the twin"
+            assert b"WLAN" in mpy or b"network" in mpy, "the ESP32 board module, not the twin"
         with open(os.path.join(out, "iotjobs", "runner.mpy"), "rb") as f:
             assert f.read(2) == b"M\x06", "not an .mpy v6 file"
         # (bytecode-only .mpy files record no architecture: -march matters for @native code)

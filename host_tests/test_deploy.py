@@ -97,6 +97,22 @@ def test_deploy_copies_only_what_changed_and_the_code_runs_on_the_board(board, t
         assert '"dev2"' in f.read()
 
 
+def test_deploy_removes_the_retired_platform_module(board):
+    """The board module was `platform` (platform.mpy on the board) before it was renamed
+    iotjobs_board; a deploy removes the old compiled file and leaves a user's platform.py."""
+    for name in ("platform.mpy", "platform.py"):
+        with open(os.path.join(board.flash, name), "wb") as f:
+            f.write(b"old")
+    r = deploy(board)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "removed what an earlier release left: platform.mpy" in r.stdout, r.stdout
+    assert not os.path.exists(os.path.join(board.flash, "platform.mpy"))
+    assert os.path.exists(os.path.join(board.flash, "platform.py"))
+    assert os.path.exists(os.path.join(board.flash, "iotjobs_board.mpy"))
+    r = deploy(board)
+    assert r.returncode == 0 and "earlier release" not in r.stdout, r.stdout
+
+
 def test_deploy_refuses_a_missing_config_and_an_unknown_board(board, tmp_path):
     r = deploy(board, "--config", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "config.json is missing" in r.stderr, r.stderr

@@ -6,5 +6,5 @@ include("$(PORT_DIR)/boards/manifest.py")  # what the stock image freezes (async
 # make build (tools/iotjobs_host/images.freeze_board).
 package("iotjobs", base_path="../../lib")  # the library, frozen: its code costs no heap
 module("app.py", base_path="../../firmware")  # the device wiring
-module("platform.py", base_path="../esp32")  # the ESP32 platform module (not the unix twin)
+module("iotjobs_board.py", base_path="../esp32")  # the ESP32 board module (not the unix twin)
 # main.py stays on the filesystem (tools/deploy copies it with config.json and board.json).

@@ -6,19 +6,19 @@
 #   {"n": 2, "op": "flash", "file": "img.bin", "blocks": null}  image file -> next slot, set_boot
 #                                                              ("blocks": k stops after k blocks)
 #   {"n": 3, "op": "confirm"}                 Partition.mark_app_valid_cancel_rollback()
-#   {"n": 4, "op": "reset"}                   platform.reset()
+#   {"n": 4, "op": "reset"}                   board.reset()
 # Each answer is a line "@@DONE n {json}"; a command that raises answers {"error": [errno...]}.
 import json
 import os
 import time
 
-import platform
+import iotjobs_board as board
 
-Partition = platform.partition_class()
+Partition = board.partition_class()
 
 
 def state():
-    st = platform.ota_state()
+    st = board.ota_state()
     st["boot"] = Partition(Partition.BOOT).info()[4]
     st["next"] = Partition(Partition.RUNNING).get_next_update().info()[4]
     return st
@@ -54,7 +54,7 @@ def run(cmd):
         return state()
     if op == "reset":
         print("@@DONE %d {}" % cmd["n"])
-        platform.reset()
+        board.reset()
     raise ValueError(op)
 
 

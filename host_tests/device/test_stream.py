@@ -672,28 +672,28 @@ def _ota_doc(image, sha=None):
 
 
 def test_ota_over_a_stream_fills_the_slot_in_any_order_then_checks_the_signature():
-    import platform
+    import iotjobs_board as board
     from iotjobs.ota import Ota
 
     slot = _slots()
     image = content(20000, 7)  # five flash blocks, the last one partial; 20 stream blocks
     link, client, svc, ctx = setup({0: image})
     svc.order = lambda blocks: list(reversed(blocks))
-    h = Ota(platform, _G, stream={"block": 1024, "idle_ms": 100})
+    h = Ota(board, _G, stream={"block": 1024, "idle_ms": 100})
     e = failed(h.run, ctx, _ota_doc(image))
     assert e.reason == "BAD_SIGNATURE", e.reason
     assert _slot_bytes(slot, len(image)) == image
-    assert "ota-verified" not in ctx.points and platform.ota_state()["slot"] == "ota_0"
+    assert "ota-verified" not in ctx.points and board.ota_state()["slot"] == "ota_0"
     cp = ctx.checkpoints[-1]
     assert cp["phase"] == "stream" and cp["slot"] == "ota_1" and cp["st"]["l"] == 1024
     # a wrong hash is found the same way, from the flash
     link, client, svc, ctx = setup({0: image})
-    e = failed(Ota(platform, _G, stream={"block": 1024}).run, ctx, _ota_doc(image, "0" * 64))
+    e = failed(Ota(board, _G, stream={"block": 1024}).run, ctx, _ota_doc(image, "0" * 64))
     assert e.reason == "HASH_MISMATCH"
 
 
 def test_ota_over_a_stream_resumes_from_its_checkpoint_after_a_power_cut():
-    import platform
+    import iotjobs_board as board
     from iotjobs.ota import Ota
 
     slot = _slots()
@@ -701,12 +701,12 @@ def test_ota_over_a_stream_resumes_from_its_checkpoint_after_a_power_cut():
     link, client, svc, ctx = setup({0: image})
     svc.after = 70  # the power goes after 70 blocks: 64..69 are in flash, not journaled
     opts = {"block": 1024, "idle_ms": 50, "tries": 1}
-    e = failed(Ota(platform, _G, stream=opts).run, ctx, _ota_doc(image))
+    e = failed(Ota(board, _G, stream=opts).run, ctx, _ota_doc(image))
     assert e.reason == "STREAM_TIMEOUT"
     cp = ctx.checkpoints[-1]
     assert cp["st"]["b"] == "00" * 8 + "ffffffff0f", cp
     link, client, svc, ctx = setup({0: image})
-    e = failed(Ota(platform, _G, stream=opts).resume, ctx, _ota_doc(image), cp)
+    e = failed(Ota(board, _G, stream=opts).resume, ctx, _ota_doc(image), cp)
     assert e.reason == "BAD_SIGNATURE", e.reason
     assert sorted(svc.sent) == list(range(64, 100))  # only what the journal says is missing
     assert _slot_bytes(slot, len(image)) == image

@@ -1,4 +1,4 @@
-# Firmware OTA into the ESP32's other app slot (esp32.Partition, reached through the platform
+# Firmware OTA into the ESP32's other app slot (esp32.Partition, reached through the board
 # module). Documents: native `{"operation": "ota", "url" and/or "stream": {"id", "fileId"},
 # "size", "sha256", "signature", "version", "allowDowngrade"}` and AWS OTA's `{"afr_ota":
 # {"protocols": ["MQTT", "HTTP"], "streamname", "files": [{"fileid", "update_data_url",
@@ -82,9 +82,9 @@ def params(doc):
 
 
 class Ota(Handler):
-    def __init__(self, platform, pubkey, allow=(), ssl_context=None, transfer="mqtt",
+    def __init__(self, board, pubkey, allow=(), ssl_context=None, transfer="mqtt",
                  stream=None):
-        self.platform = platform
+        self.board = board  # the board module (iotjobs_board): OTA state, Partition, version
         self.pubkey = pubkey  # bytes of the signer's public key (raw point, DER or PEM)
         self.allow = allow
         self.ssl_context = ssl_context
@@ -106,18 +106,18 @@ class Ota(Handler):
             return self.run(ctx, doc)
         if ctx.boot == cp.get("boot"):
             ctx.request_reboot()  # cut after the checkpoint, before the reset: reset now
-        st = self.platform.ota_state() or {}
+        st = self.board.ota_state() or {}
         if st.get("slot") == cp.get("slot"):
             if st.get("pending"):
                 # Confirm before reporting: the service has just answered (the boot's describe),
                 # which is the self-test; a cut between the two re-runs this, never the reverse
                 # (SUCCEEDED reported by an image the bootloader then throws away).
-                self.platform.partition_class().mark_app_valid_cancel_rollback()
+                self.board.partition_class().mark_app_valid_cancel_rollback()
                 ctx.point("ota-confirmed")
-            return {"version": str(self.platform.firmware_version()), "slot": st.get("slot")}
+            return {"version": str(self.board.firmware_version()), "slot": st.get("slot")}
         bad = st.get("last_invalid") or {}
         raise JobFailed("rolled_back", "the new image did not confirm itself; running %s"
-                        % st.get("slot"), version=str(self.platform.firmware_version()),
+                        % st.get("slot"), version=str(self.board.firmware_version()),
                         image=str(bad.get("version")))
 
     def _download(self, ctx, doc, off, cp=None):
@@ -130,10 +130,10 @@ class Ota(Handler):
                 raise JobRejected("URL_NOT_ALLOWED", "the URL is outside the OTA allowlist")
         if not self.pubkey:
             raise JobRejected("NO_PUBLIC_KEY", "no signing key configured")
-        running = self.platform.firmware_version()
+        running = self.board.firmware_version()
         if version and running and not down and not newer(version, running):
             raise JobRejected("DOWNGRADE", "%s is not newer than %s" % (version, running))
-        P = self.platform.partition_class()
+        P = self.board.partition_class()
         slot = P(P.RUNNING).get_next_update()
         bs = slot.ioctl(5, 0)
         if size > slot.ioctl(4, 0) * bs:

@@ -1,11 +1,11 @@
 """Compile the device code (lib/, firmware/, umqtt) with mpy-cross, for the host and for ESP32.
 
 Output: build/mpy/<arch>/ holds a flat tree as a board's filesystem would: `iotjobs/*.mpy`,
-`umqtt/simple.mpy`, `app.mpy`, `platform.mpy`, ... `main.py` and `boot.py` stay source (the
+`umqtt/simple.mpy`, `app.mpy`, `iotjobs_board.mpy`, ... `main.py` and `boot.py` stay source (the
 board runs them by name). Only stale files are recompiled.
 
 `--board NAME` builds what goes onto one board (boards/NAME/board.json) into build/NAME/: the
-code for the board's architecture, its own platform module (boards/esp32/platform.py on the
+code for the board's architecture, its own board module (boards/esp32/iotjobs_board.py on the
 ESP32 boards: never the unix twins esp32sim.py or the test handlers) and board.json, then
 checks the total against the board's `code_budget_kb` (exit 1 when over)."""
 from __future__ import annotations
@@ -60,17 +60,17 @@ def board_info(name: str) -> dict:
 
 
 def board_sources(name: str) -> list[tuple[str, str]]:
-    """The files of one board: the device code with the board's platform module, board.json."""
+    """The files of one board: the device code with the board's own iotjobs_board module, board.json."""
     info = board_info(name)
     out = []
     for src, rel in sources():
         if info["chip"] != "unix":
             if rel in HOST_ONLY:
                 continue
-            if rel == "platform.py":
-                src = os.path.join(BOARDS, "esp32", "platform.py")
+            if rel == "iotjobs_board.py":
+                src = os.path.join(BOARDS, "esp32", "iotjobs_board.py")
                 if not os.path.exists(src):
-                    raise ValueError(f"{src} is missing: the ESP32 platform module")
+                    raise ValueError(f"{src} is missing: the ESP32 board module")
         out.append((src, rel))
     out.append((os.path.join(BOARDS, name, "board.json"), "board.json"))
     return out

@@ -133,9 +133,25 @@ def deploy(port: str, board: str, config: Optional[str], reset: bool, dry_run: b
             log(f"would copy {os.path.relpath(local, ROOT)} -> :{rel}")
         return [rel for _, rel in files]
     todo = copy_changed(port, files, f"deploy: {len(files)} file(s) for {board}", log)
+    remove_retired(port, log)
     if reset:
         soft_reset(port, log)
     return [rel for _, rel in todo]
+
+
+# What earlier releases deployed and this one no longer uses: the board module was `platform`
+# until it was renamed iotjobs_board (MicroPython has a built-in `platform`). Only the compiled
+# file is ours (deploy never copied a platform.py): a user's own source is left alone.
+RETIRED = ("platform.mpy",)
+
+
+def remove_retired(port: str, log=print) -> list[str]:
+    """Remove from the board's filesystem root what RETIRED names; returns what was removed."""
+    out = mpremote(port, "exec", _REMOVE_SCRIPT % (json.dumps(list(RETIRED)), "[]"))
+    gone = [ln[3:] for ln in out.splitlines() if ln.startswith("@@ ")]
+    if gone:
+        log(f"deploy: removed what an earlier release left: {', '.join(gone)}")
+    return gone
 
 
 def soft_reset(port: str, log=print) -> None:
@@ -340,6 +356,7 @@ def deploy_romfs(port: Optional[str], board: str, config: Optional[str], reset: 
     log(f"deploy: ROMFS image written ({size} bytes)")
     copy_changed(port, on_fs, f"deploy: {len(on_fs)} file(s) on the filesystem", log)
     paths, dirs = shadows(result["in_image"])
+    paths += [p for p in RETIRED if p not in paths]
     said = mpremote(port, "exec", _REMOVE_SCRIPT % (json.dumps(paths), json.dumps(dirs)))
     result["removed"] = [ln[3:] for ln in said.splitlines() if ln.startswith("@@ ")]
     result["kept"] = [ln[3:] for ln in said.splitlines() if ln.startswith("!! ")]

@@ -1,6 +1,6 @@
 """A simulated device: firmware/ under the MicroPython unix port, its flash a host folder.
 
-Like an ESP32 it boots, runs main, and boots again after a reset (platform.reset() ends the
+Like an ESP32 it boots, runs main, and boots again after a reset (iotjobs_board.reset() ends the
 process with RESET_EXIT) or a crash. The device sees only its flash folder (cwd) and the
 compiled code in build/mpy/host (its frozen modules, in board terms).
 
@@ -25,7 +25,7 @@ Flags are free-form metadata the firmware can read (tests use {"selftest": "fail
 `--lib DIR|IMAGE` moves the library (iotjobs, umqtt) off build/mpy/host: the device imports it
 from DIR (what `mip install --target DIR` wrote: a board's /lib) or from a ROMFS image
 (`tools/deploy --romfs-build`, or the bytes of a romfs partition) mounted at /rom. The rest of
-build/mpy/host (main, app, platform, the twins) is reached through `<flash>.code/`, links to
+build/mpy/host (main, app, iotjobs_board, the twins) is reached through `<flash>.code/`, links to
 it without iotjobs/ and umqtt/, so the library can only come from there or from the image's
 frozen modules. sys.path is then ['', '.frozen', DIR, <flash>.code] or ['', '.frozen', '/rom',
 '/rom/lib', <flash>.code]: frozen modules first, as on a board, so on fleet32 the frozen
@@ -56,7 +56,7 @@ import struct
 import sys
 import time
 
-RESET_EXIT = 3  # firmware/platform.py
+RESET_EXIT = 3  # firmware/iotjobs_board.py
 # The default heap of a simulated device (the pip port, 64-bit, code loaded into the heap): the
 # measured need of its heaviest default path (a `ping` command, then a steps job with a side
 # effect, over mutual TLS: `tools/bench --only heap`) plus a margin of at least 25%. README,

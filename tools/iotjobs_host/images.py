@@ -136,7 +136,7 @@ def _frozen_inputs(name: str) -> list[str]:
         files.append(FLEET_MANIFEST)
         for base in (os.path.join(ROOT, "lib", "iotjobs"),):
             files += sorted(os.path.join(base, f) for f in os.listdir(base) if f.endswith(".py"))
-        files += [os.path.join(ROOT, "firmware", f) for f in ("app.py", "platform.py",
+        files += [os.path.join(ROOT, "firmware", f) for f in ("app.py", "iotjobs_board.py",
                                                             "esp32sim.py")]
     return files
 
@@ -256,7 +256,7 @@ def freeze_board(board: str, arch: str, manifest: str | None = None,
     """Run a board's manifest through MicroPython's tools/makemanifest.py with the ESP32 port's
     folder and mpy-cross for the board's architecture. Fails (ImageError) on a manifest that
     names a missing file or freezes again a module the stock image already freezes. Returns
-    the frozen .mpy sizes: all of them and ours (iotjobs/, app, platform)."""
+    the frozen .mpy sizes: all of them and ours (iotjobs/, app, iotjobs_board)."""
     src, _ = source()
     mpy_cross(src)
     manifest = manifest or os.path.join(ROOT, "boards", board, "manifest.py")
@@ -286,7 +286,7 @@ def freeze_board(board: str, arch: str, manifest: str | None = None,
             p = os.path.join(dirpath, name)
             sizes[os.path.relpath(p, frozen)] = os.path.getsize(p)
     ours = {k: v for k, v in sizes.items()
-            if k.startswith("iotjobs/") or k in ("app.mpy", "platform.mpy")}
+            if k.startswith("iotjobs/") or k in ("app.mpy", "iotjobs_board.mpy")}
     if not ours:
         raise ImageError(f"{os.path.relpath(manifest, ROOT)}: nothing of ours was frozen")
     return {"modules": len(sizes), "bytes": sum(sizes.values()), "ours_bytes": sum(ours.values()),

@@ -1,5 +1,5 @@
 # Fake of MicroPython's `esp32` module (the Partition class) for tests of
-# boards/esp32/platform.py: a flash of bytearrays with a partition table, the ESP-IDF OTA calls
+# boards/esp32/iotjobs_board.py: a flash of bytearrays with a partition table, the ESP-IDF OTA calls
 # MicroPython wraps, and the second-stage bootloader's slot choice (boot()).
 #
 # Partition behaves as docs.micropython.org (library/esp32.html) documents it and

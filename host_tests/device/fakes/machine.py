@@ -1,4 +1,4 @@
-# Fake of MicroPython's `machine` for tests of boards/esp32/platform.py under the unix port. A
+# Fake of MicroPython's `machine` for tests of boards/esp32/iotjobs_board.py under the unix port. A
 # test puts host_tests/device/fakes first on sys.path; `machine` is an extensible built-in, so
 # this file then shadows the unix port's own.
 #

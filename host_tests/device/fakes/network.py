@@ -1,4 +1,4 @@
-# Fake of MicroPython's `network` (ESP32 port) for tests of boards/esp32/platform.py.
+# Fake of MicroPython's `network` (ESP32 port) for tests of boards/esp32/iotjobs_board.py.
 #
 # Behaviour as docs.micropython.org (library/network.WLAN.html) describes it and the ESP32 port
 # (ports/esp32/network_wlan.c) implements it:

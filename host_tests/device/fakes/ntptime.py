@@ -1,5 +1,5 @@
 # Fake of micropython-lib's `ntptime` (frozen into the ESP32 firmware) for tests of
-# boards/esp32/platform.py. The real settime() asks `host` over UDP with a `timeout`-second
+# boards/esp32/iotjobs_board.py. The real settime() asks `host` over UDP with a `timeout`-second
 # socket and sets machine.RTC() to UTC; it raises OSError when DNS fails or no answer comes in
 # time (micropython-lib micropython/net/ntptime/ntptime.py).
 #

@@ -1,6 +1,6 @@
 # The one module that touches the hardware on an ESP32 board (ESP32_GENERIC, ESP32_GENERIC_S3,
-# ESP32_GENERIC_C3): machine, network, esp32, ntptime. Deployed as `platform.py` in place of the
-# unix-port twin (firmware/platform.py); the app only calls what both define.
+# ESP32_GENERIC_C3): machine, network, esp32, ntptime. Deployed as `iotjobs_board.py` in place of the
+# unix-port twin (firmware/iotjobs_board.py); the app only calls what both define.
 #
 # Board settings come from /board.json in the flash root:
 #   {"board": "ESP32_GENERIC", "chip": "esp32", "led_pin": 2, "led_active_low": false,
@@ -459,7 +459,9 @@ def ota_state():
     n = _app_count(P)
     if e is None or n == 0:
         return None
-    run = P(P.RUNNING).info()
+    # esp32.Partition(id): a label, or BOOT / RUNNING (ints) as MicroPython's documentation
+    # says; the stubs type id as str only, hence the marks below
+    run = P(P.RUNNING).info()  # pyright: ignore[reportArgumentType]
     last = None
     rolled = False
     b = _last_invalid_entry(e)
@@ -472,7 +474,7 @@ def ota_state():
             rolled = a < 0 or e[b][0] > e[a][0]
     return {
         "slot": run[4],
-        "version": app_version(P(P.RUNNING)),
+        "version": app_version(P(P.RUNNING)),  # pyright: ignore[reportArgumentType]
         "pending": _pending(P, e, n, run),
         "rolled_back": rolled,
         "last_invalid": last,
@@ -489,7 +491,7 @@ def ota_pending():
         n = _app_count(P)
         if e is None or n == 0:
             return False
-        return _pending(P, e, n, P(P.RUNNING).info())
+        return _pending(P, e, n, P(P.RUNNING).info())  # pyright: ignore[reportArgumentType]  (stubs: id is str only; RUNNING is an int, as documented)
     except (ImportError, OSError):
         return False
 
@@ -498,6 +500,6 @@ def firmware_version():
     """The running image's version (esp_app_desc_t.version), or None."""
     try:
         P = partition_class()
-        return app_version(P(P.RUNNING))
+        return app_version(P(P.RUNNING))  # pyright: ignore[reportArgumentType]  (stubs: id is str only; RUNNING is an int, as documented)
     except (ImportError, OSError):
         return None

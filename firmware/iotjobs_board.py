@@ -1,5 +1,5 @@
 # The one module that touches the hardware: machine, esp32, network. This is its unix-port twin,
-# used by tools/devsim; boards/<BOARD>/platform.py replaces it on a real device. The app only
+# used by tools/devsim; boards/esp32/iotjobs_board.py replaces it on a real device. The app only
 # calls what is defined here.
 import sys
 import time

@@ -1,12 +1,12 @@
-# The ESP32 platform module (boards/esp32/platform.py) against fakes of the hardware edge
+# The ESP32 board module (boards/esp32/iotjobs_board.py) against fakes of the hardware edge
 # (host_tests/device/fakes: machine, network, ntptime, esp32), which behave as MicroPython's
 # documentation says the real modules do. Sleeps go to a recorder that moves the fake clock, so
 # minutes of Wi-Fi backoff take no time and the watchdog fake still sees them.
 import sys
 
 _HERE = __file__.rsplit("/", 1)[0] if "/" in __file__ else "."
-# Fakes first (they shadow the unix port's own machine), then the board's platform module ahead
-# of firmware/platform.py (the unix twin, on MICROPYPATH).
+# Fakes first (they shadow the unix port's own machine), then the ESP32 board module ahead
+# of firmware/iotjobs_board.py (the unix twin, on MICROPYPATH).
 sys.path.insert(0, _HERE + "/../../boards/esp32")
 sys.path.insert(0, _HERE + "/fakes")
 
@@ -16,7 +16,7 @@ import esp32  # noqa: E402
 import machine  # noqa: E402
 import network  # noqa: E402
 import ntptime  # noqa: E402
-import platform as P  # noqa: E402
+import iotjobs_board as P  # noqa: E402
 
 WIFI = {"wifi": {"ssid": "lab", "password": "secret"}}
 LED = {"led_pin": 2, "led_active_low": False, "wdt_ms": 0}
