@@ -30,6 +30,12 @@ from .version import newer
 from .download import confine, fetch_file, fetch_stream, _mkdirs
 from . import http
 
+# For type checkers only (tools/stubcheck, an editor): the compiler folds the constant and drops
+# the block, so these imports cost the device nothing.
+TYPE_CHECKING = const(False)
+if TYPE_CHECKING:
+    from .appstate import AppState
+
 _MANIFEST_MAX = const(16384)
 _FILES_MAX = const(64)
 _BUF = const(1024)
@@ -124,7 +130,7 @@ def parse_manifest(data, version):
 
 
 class AppUpdate(Handler):
-    def __init__(self, state, pubkey, allow=(), ssl_context=None, transfer="mqtt", stream=None):
+    def __init__(self, state: "AppState", pubkey, allow=(), ssl_context=None, transfer="mqtt", stream=None):
         # appstate.AppState of this boot, or a function that makes it (on first use)
         self.state = state() if callable(state) else state
         self.pubkey = pubkey

@@ -151,7 +151,7 @@ class Commands:
         # What the MQTT callback receives goes into fixed slots (a ring): the callback
         # allocates nothing, so no MemoryError can lose a request that has arrived whole. The
         # loop moves them into `queue` (_intake).
-        self._in_topic = [None] * _QUEUE_MAX
+        self._in_topic: "list" = [None] * _QUEUE_MAX  # bytes, or None when free
         self._in_msg = [None] * _QUEUE_MAX
         self._in_lost = [0] * _QUEUE_MAX  # the transport's `lost` when msg is None
         self._in_head = 0

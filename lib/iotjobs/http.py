@@ -7,6 +7,12 @@ from micropython import const
 
 _MAX_HEADER = const(1024)
 
+# For type checkers only (tools/stubcheck, an editor): the compiler folds the constant and drops
+# the block, so this import costs the device nothing.
+TYPE_CHECKING = const(False)
+if TYPE_CHECKING:
+    from tls import SSLContext
+
 
 class HttpError(Exception):
     def __init__(self, reason, status=0):
@@ -83,9 +89,10 @@ class Response:
             pass
 
 
-def get(url, ssl_context=None, start=0, timeout=10):
+def get(url, ssl_context: "SSLContext | None" = None, start=0, timeout=10):
     """Open a GET (from byte `start` with a Range header); returns a Response whose status is
-    200 or 206. HttpError for other statuses, OSError when the link fails."""
+    200 or 206. HttpError for other statuses, OSError when the link fails. `ssl_context`: for
+    https, or a function that makes it (called on first use)."""
     scheme, host, port, path = split_url(url)
     addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0][-1]
     s = socket.socket()

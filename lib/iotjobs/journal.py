@@ -79,13 +79,13 @@ class Journal:
         self.out = None
         self.done = []
 
-    def save(self, job=0, out=0, done=None):
+    def save(self, job: "dict | int | None" = 0, out: "list | int | None" = 0, done=None):
         """Write the state with `job`, `out`, `done` replaced (0: keep; None is a value), then
         adopt them: the object changes only once the new state is in flash, so an exception
         anywhere in here (a MemoryError while serialising, an I/O error) leaves memory and flash
         saying the same thing."""
-        job = self.job if job == 0 else job
-        out = self.out if out == 0 else out
+        job = self.job if isinstance(job, int) else job
+        out = self.out if isinstance(out, int) else out
         done = self.done if done is None else done
         state = {"ver": _VERSION, "boot": self.boot, "oom": self.oom, "job": job, "out": out,
                  "done": done}
@@ -127,7 +127,7 @@ class Journal:
     def checkpoint(self, step, cp, state=RUN, faults=None):
         """The step running and the handler's checkpoint; `faults` counts the memory faults
         this job has met (kept when None)."""
-        j = dict(self.job)
+        j = self.job.copy()  # a checkpoint: a job is running
         j["step"] = step
         j["cp"] = cp
         j["t"] = state

@@ -26,6 +26,13 @@ from . import codec
 from .client import ACCEPTED, REJECTED, TIMEOUT, TOO_LARGE, NO_MEMORY
 from .topics import START_NEXT_ACCEPTED as T_START_NEXT, UPDATE_ACCEPTED as T_UPDATE
 
+# For type checkers only (tools/stubcheck, an editor): the compiler folds the constant and drops
+# the block, so these imports cost the device nothing.
+TYPE_CHECKING = const(False)
+if TYPE_CHECKING:
+    from .appstate import AppState
+    from .commands import Commands
+
 _DEBUG = const(False)
 OOM_RESET = const(5)  # memory faults in a row, without progress, before the device resets
 OOM_JOB_MAX = const(4)  # memory faults one job may meet before it ends FAILED OUT_OF_MEMORY
@@ -212,7 +219,8 @@ class Runner:
         self._cdone = 0
         self.on_online = None
         self.tick = None  # called about once per poll_ms while idle (the application's hook)
-        self.commands = None  # iotjobs.commands.Commands: run between job steps
+        self.commands: "Commands | None" = None  # run between job steps
+        self.app: "AppState | None" = None  # the installed application (firmware/app.py)
         self.version = None  # versionNumber of the current execution, as last seen
         self.jobs_done = 0
         self._want_next = True

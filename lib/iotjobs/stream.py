@@ -259,9 +259,9 @@ class Fetch:
 
     def state(self):
         """The checkpoint: enough to continue after a power cut, with nothing fetched twice but
-        what arrived after it."""
+        what arrived after it. (Only asked once the bitmap `bm` exists.)"""
         return {"id": self.sid, "f": self.fid, "s": self.version, "l": self.l, "z": self.z,
-                "b": binascii.hexlify(self.bm).decode()}
+                "b": binascii.hexlify(self.bm).decode()}  # pyright: ignore[reportArgumentType]
 
     def missing_between(self, lo, hi):
         """True when no byte in [lo, hi) has arrived yet (the OTA sink erases such a sector)."""
@@ -400,7 +400,8 @@ class Fetch:
                                     blocks="%d/%d" % (self.nblocks - self.missing, self.nblocks))
                 self._call(ctx, self._request)
                 active = self._active
-            left = self.idle_ms - time.ticks_diff(self.clock(), active)
+            # `active` is not None here: _request() has just set it
+            left = self.idle_ms - time.ticks_diff(self.clock(), active)  # pyright: ignore[reportCallIssue,reportArgumentType]
             self._call(ctx, t.wait, 250 if left > 250 else (left if left > 0 else 0))
             if self._since >= self.every and self.missing:
                 self._checkpoint(ctx, on_checkpoint)
