@@ -173,3 +173,30 @@ def test_the_memory_facts_stay_on_the_host():
     with open(os.path.join(out, "board.json")) as f:
         deployed = json.load(f)
     assert "memory" not in deployed and deployed["wdt_ms"] == B.board_info("ESP32_GENERIC")["wdt_ms"]
+
+
+def test_both_board_modules_give_what_the_device_code_uses():
+    """What firmware/app.py (`hw.NAME`) and the OTA handler (`self.board.NAME`) take from the
+    board module is defined by the ESP32 one (boards/esp32/iotjobs_board.py) and by its unix
+    twin (firmware/iotjobs_board.py) alike: a name only the twin has passes every test under
+    devsim and fails on a board."""
+    import ast
+    import re
+
+    def defined(path):
+        names = set()
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        return names
+
+    with open(os.path.join(ROOT, "firmware", "app.py")) as f:
+        used = set(re.findall(r"\bhw\.([A-Za-z_]\w*)", f.read()))
+    with open(os.path.join(ROOT, "lib", "iotjobs", "ota.py")) as f:
+        used |= set(re.findall(r"\bself\.board\.([A-Za-z_]\w*)", f.read()))
+    assert {"reset", "ota_state", "partition_class", "led"} <= used, used  # the scan sees them
+    for path in ("boards/esp32/iotjobs_board.py", "firmware/iotjobs_board.py"):
+        missing = used - defined(os.path.join(ROOT, path))
+        assert not missing, f"{path} lacks {sorted(missing)}"
