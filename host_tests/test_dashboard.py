@@ -48,7 +48,7 @@ from iotjobs_host.jobsd import campaign, control, dashboard
 from iotjobs_host.jobsd.auth import KeyPair, Verifier
 from iotjobs_host.jobsd.dashboard import Dashboard, abort_progress, presign_url, redact
 from iotjobs_host.jobsd.rest import RestServer
-from iotjobs_host.jobsd.rules import StartNextRequest, UpdateRequest
+from iotjobs_host.jobsd.rules import DescribeRequest, StartNextRequest, UpdateRequest
 from iotjobs_host.jobsd.service import Service
 from iotjobs_host.jobsd.store import Store
 
@@ -276,6 +276,21 @@ def test_connected_means_seen_recently(local: Local) -> None:
     snap = {t["name"]: t for t in local.dashboard.snapshot()["things"]}
     assert not snap["p-1"]["connected"] and snap["p-2"]["connected"]
     assert local.dashboard.snapshot()["connected"] == 1
+    # DescribeJobExecution, and a command report from a thing (even one jobsd refuses: it was
+    # answered), count; a report for a client target is no thing's
+    from iotjobs_host.jobsd import commands as cmds
+    from iotjobs_host.jobsd.rules import DeviceError
+
+    local.service.describe("p-3", "$next", DescribeRequest())
+    report = cmds.parse_update({"status": "SUCCEEDED"})
+    with pytest.raises(DeviceError):
+        local.service.update_command_execution("thing", "p-1", "no-such-execution", report)
+    with pytest.raises(DeviceError):
+        local.service.update_command_execution("client", "p-2", "no-such-execution", report)
+    clock[0] += 60
+    snap = {t["name"]: t for t in local.dashboard.snapshot()["things"]}
+    assert snap["p-3"]["lastSeenSecondsAgo"] == 60 and snap["p-1"]["lastSeenSecondsAgo"] == 60
+    assert snap["p-2"]["lastSeenSecondsAgo"] == dashboard.ONLINE_SECONDS + 10
 
 
 def test_nothing_secret_and_no_document(local: Local) -> None:

@@ -285,6 +285,9 @@ class CommandsApi:
         """Apply a device's report; DeviceError with the jobs codes otherwise. Terminal is final,
         except a TIMED_OUT the service set, which the device may settle once with a terminal
         status of its own (AWS guide, "Time out value and TIMED_OUT execution status")."""
+        if kind == "thing":
+            self._seen(name)
+
         def op(tracker: _Tracker, __: int) -> None:
             cx = self._store.get_command_execution(execution_id)
             if cx is None or (cx.target_kind, cx.target_name) != (kind, name):

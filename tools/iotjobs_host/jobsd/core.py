@@ -167,6 +167,9 @@ class ServiceBase:
         self.deletion_seconds = 0.0          # --deletion-seconds: DELETION_IN_PROGRESS lasts
         self.max_active_jobs = 0             # --max-active-jobs (0: no quota)
         self.max_concurrent_jobs = 0         # --max-concurrent-jobs (0: no quota)
+        # called with the thing of every device request (jobs over MQTT or HTTPS, a command
+        # report), before it is served: the dashboard's presence (dashboard.Presence.watch)
+        self.device_seen: Optional[Callable[[str], None]] = None
 
     def resume_test_clock(self) -> None:
         """With --test-hooks: take up the clock offset an earlier run stored (advanceClock)."""
@@ -175,6 +178,11 @@ class ServiceBase:
             self.clock_offset = float(stored)
 
     # -- plumbing ------------------------------------------------------------------------------
+    def _seen(self, thing: str) -> None:
+        hook = self.device_seen
+        if hook is not None:
+            hook(thing)
+
     def _clock(self) -> float:
         return self._wall() + self.clock_offset
 

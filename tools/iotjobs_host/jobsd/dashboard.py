@@ -129,10 +129,10 @@ def _details(value: Any) -> Optional[dict[str, str]]:
 class Presence:
     """When each thing last made a request jobsd answered (monotonic seconds).
 
-    `watch(service)` wraps the service methods both device front ends call (mqtt.py and data.py:
-    get_pending, start_next, describe, update with the thing first, update_command_execution
-    with it second), so no front end needs to know about the dashboard. Test hooks that move
-    jobsd's clock do not move this one: connectivity is about real time."""
+    `watch(service)` sets the service's `device_seen` hook, which the methods both device front
+    ends call (mqtt.py and data.py) invoke with the thing, so no front end needs to know about
+    the dashboard. Test hooks that move jobsd's clock do not move this one: connectivity is
+    about real time."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -154,20 +154,10 @@ class Presence:
             return {name: max(0.0, now - at) for name, at in self._seen.items()}
 
     def watch(self, service: Any) -> None:
-        for name, position in (("get_pending", 0), ("start_next", 0), ("describe", 0),
-                               ("update", 0), ("update_command_execution", 1)):
-            inner = getattr(service, name, None)
-            if inner is not None:
-                setattr(service, name, self._wrap(inner, position))
-
-    def _wrap(self, inner: Callable[..., Any], position: int) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if len(args) > position and isinstance(args[position], str):
-                if position == 0 or args[0] == "thing":  # commands: `thing` targets only
-                    self.seen(args[position])
-            return inner(*args, **kwargs)
-        wrapper.__wrapped__ = inner  # type: ignore[attr-defined]
-        return wrapper
+        """Be told of every device request `service` serves (its `device_seen` hook, called by
+        get_pending, start_next, describe, update and, for things, update_command_execution);
+        replaces whoever watched before."""
+        service.device_seen = self.seen
 
 
 # -- the snapshot (pure functions of what was read) -----------------------------------------------

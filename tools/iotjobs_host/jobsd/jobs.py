@@ -63,6 +63,7 @@ class JobsApi:
             raise DeviceError("InvalidRequest", "thingName must match [a-zA-Z0-9:_-]{1,128}")
 
     def get_pending(self, thing: str) -> tuple[list[Execution], list[Execution]]:
+        self._seen(thing)
         self._check_thing(thing)
 
         def op(_: _Tracker, __: int) -> tuple[list[Execution], list[Execution]]:
@@ -72,6 +73,7 @@ class JobsApi:
         return self._run(op)
 
     def start_next(self, thing: str, req: StartNextRequest) -> Optional[tuple[Execution, str]]:
+        self._seen(thing)
         self._check_thing(thing)
 
         def op(tracker: _Tracker, now: int) -> Optional[tuple[Execution, str]]:
@@ -94,6 +96,7 @@ class JobsApi:
     def describe(self, thing: str, job_id: str,
                  req: DescribeRequest) -> Optional[tuple[Execution, str]]:
         """None only for `$next` with nothing pending (PROTOCOL.md 8, A9)."""
+        self._seen(thing)
         self._check_thing(thing)
         if job_id != NEXT and not valid_job_id(job_id):
             raise DeviceError("InvalidRequest", "jobId must match [a-zA-Z0-9_-]{1,64} or be $next")
@@ -113,6 +116,7 @@ class JobsApi:
         return self._run(op)
 
     def update(self, thing: str, job_id: str, req: UpdateRequest) -> tuple[Execution, str]:
+        self._seen(thing)
         self._check_thing(thing)
         if not valid_job_id(job_id):
             raise DeviceError("InvalidRequest", "jobId must match [a-zA-Z0-9_-]{1,64}")
